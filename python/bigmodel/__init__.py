@@ -34,7 +34,25 @@ _EXPORTS = {
     "StoreFormatError": "errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CorruptStoreError",
+    "IncompleteStoreError",
+    "StoreError",
+    "StoreFormatError",
+    "TensorNotFoundError",
+    "TensorStore",
+    "attach_layerwise_casting_hooks",
+    "cpu_offload",
+    "cpu_offload_with_hook",
+    "disk_offload",
+    "dispatch_model",
+    "infer_auto_device_map",
+    "init_empty_weights",
+    "init_on_device",
+    "load_checkpoint_and_dispatch",
+    "load_checkpoint_in_model",
+    "write_store",
+]
 
 
 def __getattr__(name: str):

@@ -1,0 +1,262 @@
+"""`TensorStore` and `write_store`: the Python face of the Rust tensor store.
+
+A store is a directory of safetensors shards (plus zstd blobs) and one JSON index, or an
+in-place view ("mount") of safetensors files or an accelerate offload folder. Reading gives
+CPU tensors that are zero-copy views of the files whenever the bytes are stored uncompressed;
+each tensor pins its bytes in the residency cache until the tensor is garbage-collected, and
+the cache keeps everything else within the ``max_resident`` byte budget.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from bigmodel import _core
+from bigmodel.errors import TensorNotFoundError
+from bigmodel.memory import convert_file_size_to_int
+
+# safetensors dtype names <-> torch dtypes, for every dtype both support.
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_STORE_DTYPES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
+
+# Writes smaller than this finish quickly enough that a progress bar would only flicker.
+_PROGRESS_MIN_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class _Entry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    stored_nbytes: int
+    file: str
+    codec: str
+
+
+def _byte_budget(size: int | str | None) -> int | None:
+    return None if size is None else convert_file_size_to_int(size)
+
+
+class TensorStore(Mapping[str, torch.Tensor]):
+    """A read-only ``Mapping[str, torch.Tensor]`` over a store.
+
+    Open a committed store with :meth:`open`, or serve files in place with :meth:`mount`.
+    """
+
+    def __init__(self, core: _core.Store, location: str):
+        self._core = core
+        self.location = location
+        self._entries = {
+            name: _Entry(_TORCH_DTYPES[dtype], tuple(shape), nbytes, stored, file, codec)
+            for name, dtype, shape, nbytes, stored, file, codec in core.entries()
+        }
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        max_resident: int | str | None = None,
+        read_threads: int = 2,
+        verify_reads: bool = False,
+    ) -> TensorStore:
+        """Opens the store committed in directory ``path``, validating its whole index first.
+
+        ``max_resident`` bounds the bytes kept in RAM (an int or a size string like "512MB");
+        ``verify_reads`` checks every tensor's checksum when it is read.
+        """
+        core = _core.Store.open(
+            os.fspath(path), _byte_budget(max_resident), read_threads, verify_reads
+        )
+        return cls(core, os.fspath(path))
+
+    @classmethod
+    def mount(
+        cls,
+        files: str | os.PathLike | Iterable[str | os.PathLike],
+        *,
+        max_resident: int | str | None = None,
+        read_threads: int = 2,
+        verify_reads: bool = False,
+    ) -> TensorStore:
+        """Serves existing files in place, copying and writing nothing.
+
+        ``files`` is a list of safetensors files, or the path of an accelerate offload folder
+        (``index.json`` plus one ``.dat`` file per tensor).
+        """
+        budget = _byte_budget(max_resident)
+        if isinstance(files, str | os.PathLike) and Path(files).is_dir():
+            folder = os.fspath(files)
+            core = _core.Store.mount_offload_folder(folder, budget, read_threads, verify_reads)
+            return cls(core, folder)
+        paths = (
+            [os.fspath(files)]
+            if isinstance(files, str | os.PathLike)
+            else list(map(os.fspath, files))
+        )
+        core = _core.Store.mount_safetensors(paths, budget, read_threads, verify_reads)
+        return cls(core, ", ".join(paths))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise TensorNotFoundError(f"tensor {name!r} is not in the store {self.location}")
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=entry.dtype)
+        # The uint8 array keeps the pinned bytes alive; the views below share its memory.
+        raw = torch.from_numpy(np.asarray(self._core.get(name)))
+        return raw.view(entry.dtype).view(entry.shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Starts background reads of ``names`` and returns at once."""
+        self._core.prefetch(list(names))
+
+    def info(self, name: str) -> dict:
+        """dtype, shape, nbytes, stored_nbytes, file and codec of ``name`` (without reading it)."""
+        entry = self._entries.get(name)
+        if entry is None:
+            raise TensorNotFoundError(f"tensor {name!r} is not in the store {self.location}")
+        return {
+            "dtype": entry.dtype,
+            "shape": entry.shape,
+            "nbytes": entry.nbytes,
+            "stored_nbytes": entry.stored_nbytes,
+            "file": entry.file,
+            "codec": entry.codec,
+        }
+
+    def files(self) -> list[dict]:
+        """Every file the store reads: path, size, and whether it is mounted (served in place)."""
+        return [
+            {"path": path, "size": size, "mounted": mounted}
+            for path, size, mounted in self._core.files()
+        ]
+
+    def stats(self) -> dict[str, int]:
+        """Cache counters: hits, misses, prefetch hits, bytes read, evictions, resident bytes."""
+        return self._core.stats()
+
+    def verify(self) -> list[str]:
+        """Checks every checksum; returns the names of the tensors whose bytes do not match."""
+        return self._core.verify()
+
+    def close(self) -> None:
+        """Stops the read threads. Tensors already returned stay valid."""
+        self._core.close()
+
+    def __enter__(self) -> TensorStore:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TensorStore({self.location!r}, {len(self)} tensors)"
+
+
+def write_store(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    codec: str | Mapping[str, str] = "none",
+    shard_size: int | str = "2GB",
+    progress: bool = True,
+) -> None:
+    """Writes ``tensors`` as a store in directory ``path``, atomically.
+
+    Readers see either the previous committed content of ``path`` or the new one, never a mix.
+    ``codec`` is "none", "zstd", or a mapping from tensor name to one of those (missing names
+    are stored uncompressed). Tensors are read one at a time, so ``tensors`` may be a lazy
+    mapping (another ``TensorStore``) bigger than RAM.
+    """
+    shapes = {name: _dtype_and_shape(tensors, name) for name in tensors}
+    plan = [_plan_row(name, dtype, shape, codec) for name, (dtype, shape) in shapes.items()]
+    writer = _core.StoreWriter(os.fspath(path), plan, convert_file_size_to_int(shard_size))
+    total = sum(_nbytes(dtype, shape) for dtype, shape in shapes.values())
+    with (
+        tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc="writing store",
+            disable=not progress or total < _PROGRESS_MIN_BYTES,
+        ) as bar,
+        ThreadPoolExecutor(max_workers=2) as pool,  # compression runs on both cores
+    ):
+
+        def write_one(name: str) -> None:
+            writer.write(name, _raw_bytes(name, tensors[name]))
+            bar.update(_nbytes(*shapes[name]))
+
+        for done in [pool.submit(write_one, name) for name in shapes]:
+            done.result()
+    writer.commit()
+
+
+def write_mount(path: str | os.PathLike, files: Iterable[str | os.PathLike]) -> None:
+    """Commits at ``path`` a store that serves the given safetensors files in place.
+
+    Only the index is written (no tensor bytes); the files must not change afterwards (a
+    change of size or modification time is detected when the store is opened or read).
+    """
+    _core.Store.write_mount(os.fspath(path), [os.fspath(f) for f in files])
+
+
+def _dtype_and_shape(tensors: Mapping[str, torch.Tensor], name: str):
+    """dtype and shape of one tensor, without reading it when the source is a store."""
+    if isinstance(tensors, TensorStore):
+        info = tensors.info(name)
+        return info["dtype"], info["shape"]
+    tensor = tensors[name]
+    return tensor.dtype, tuple(tensor.shape)
+
+
+def _plan_row(name: str, dtype: torch.dtype, shape: tuple, codec: str | Mapping[str, str]):
+    store_dtype = _STORE_DTYPES.get(dtype)
+    if store_dtype is None:
+        supported = ", ".join(str(d) for d in _STORE_DTYPES)
+        raise TypeError(f"tensor {name!r} has dtype {dtype}; a store holds {supported}")
+    chosen = codec if isinstance(codec, str) else codec.get(name, "none")
+    return name, store_dtype, list(shape), chosen
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+def _raw_bytes(name: str, tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as a flat uint8 array (a view when already contiguous on CPU)."""
+    if tensor.device.type == "meta":
+        raise ValueError(f"tensor {name!r} is on the meta device: it has no data to write")
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy()
