@@ -151,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="disk-offloaded inference of a model bigger than its RAM budget"
     )
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER, help="see `bigmodel demo --help`")
     demo.set_defaults(func=cmd_demo)
     return parser
 

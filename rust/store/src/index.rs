@@ -11,12 +11,17 @@
 //! Files the store wrote are plain names inside the store directory; mounted files (a
 //! checkpoint served in place) are absolute paths with the size and mtime seen at mount time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
 
-use crate::dtype::DType;
+use crate::dtype::{byte_size, DType};
+use crate::error::{Result, StoreError};
+use crate::layout;
 
 /// The committed index's file name inside a store directory.
 pub const INDEX_FILE: &str = "bigmodel.index.json";

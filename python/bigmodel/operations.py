@@ -1,0 +1,74 @@
+"""Moving nested inputs and outputs between devices: `send_to_device`, `find_device`.
+
+The hooks run every module's arguments and results through these, so they accept whatever a
+forward takes or returns: tensors, objects with a ``.to`` method (a tokenizer's
+``BatchEncoding``), lists, tuples, named tuples and mappings nested in any way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+def send_to_device(
+    data: Any,
+    device: torch.device | str | int | None,
+    non_blocking: bool = False,
+    skip_keys: str | list[str] | None = None,
+) -> Any:
+    """Returns ``data`` with every tensor moved to ``device``, keeping its structure.
+
+    Args:
+        data: a tensor, an object with a ``.to`` method, or lists/tuples/mappings of them.
+            Anything else is returned unchanged.
+        device: the target device; None leaves tensors where they are.
+        non_blocking: passed to ``.to`` (dropped for objects whose ``.to`` does not take it).
+        skip_keys: mapping keys (at any depth) whose values are left untouched.
+
+    Lists and tuples keep their type (named tuples included); mappings are rebuilt with
+    ``type(mapping)(...)``.
+    """
+    if isinstance(data, torch.Tensor) or hasattr(data, "to"):
+        try:
+            return data.to(device, non_blocking=non_blocking)
+        except TypeError:  # a `.to` that does not accept `non_blocking`
+            return data.to(device)
+    if isinstance(data, tuple | list):
+        moved = (send_to_device(item, device, non_blocking, skip_keys) for item in data)
+        return _same_sequence_type(data, moved)
+    if isinstance(data, Mapping):
+        skipped = [skip_keys] if isinstance(skip_keys, str) else (skip_keys or [])
+        return type(data)(
+            {
+                key: value
+                if key in skipped
+                else send_to_device(value, device, non_blocking, skipped)
+                for key, value in data.items()
+            }
+        )
+    return data
+
+
+def _same_sequence_type(original: list | tuple, items) -> list | tuple:
+    # A named tuple's constructor takes its fields as separate arguments.
+    if isinstance(original, tuple) and hasattr(original, "_fields"):
+        return type(original)(*items)
+    return type(original)(items)
+
+
+def find_device(data: Any) -> torch.device | None:
+    """The device of the first tensor found depth-first in ``data`` (mappings by value), or None."""
+    if isinstance(data, torch.Tensor):
+        return data.device
+    if isinstance(data, Mapping):
+        data = data.values()
+    elif not isinstance(data, tuple | list):
+        return None
+    for item in data:
+        device = find_device(item)
+        if device is not None:
+            return device
+    return None
