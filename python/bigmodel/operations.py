@@ -14,16 +14,16 @@ import torch
 
 
 def send_to_device(
-    data: Any,
+    tensor: Any,
     device: torch.device | str | int | None,
     non_blocking: bool = False,
     skip_keys: str | list[str] | None = None,
 ) -> Any:
-    """Returns ``data`` with every tensor moved to ``device``, keeping its structure.
+    """Returns ``tensor`` (a tensor or any nesting of them) moved to ``device``.
 
     Args:
-        data: a tensor, an object with a ``.to`` method, or lists/tuples/mappings of them.
-            Anything else is returned unchanged.
+        tensor: a tensor, an object with a ``.to`` method, or lists/tuples/mappings of them
+            (named ``tensor`` as in accelerate). Anything else is returned unchanged.
         device: the target device; None leaves tensors where they are.
         non_blocking: passed to ``.to`` (dropped for objects whose ``.to`` does not take it).
         skip_keys: mapping keys (at any depth) whose values are left untouched.
@@ -31,25 +31,25 @@ def send_to_device(
     Lists and tuples keep their type (named tuples included); mappings are rebuilt with
     ``type(mapping)(...)``.
     """
-    if isinstance(data, torch.Tensor) or hasattr(data, "to"):
+    if isinstance(tensor, torch.Tensor) or hasattr(tensor, "to"):
         try:
-            return data.to(device, non_blocking=non_blocking)
+            return tensor.to(device, non_blocking=non_blocking)
         except TypeError:  # a `.to` that does not accept `non_blocking`
-            return data.to(device)
-    if isinstance(data, tuple | list):
-        moved = (send_to_device(item, device, non_blocking, skip_keys) for item in data)
-        return _same_sequence_type(data, moved)
-    if isinstance(data, Mapping):
+            return tensor.to(device)
+    if isinstance(tensor, tuple | list):
+        moved = (send_to_device(item, device, non_blocking, skip_keys) for item in tensor)
+        return _same_sequence_type(tensor, moved)
+    if isinstance(tensor, Mapping):
         skipped = [skip_keys] if isinstance(skip_keys, str) else (skip_keys or [])
-        return type(data)(
+        return type(tensor)(
             {
                 key: value
                 if key in skipped
                 else send_to_device(value, device, non_blocking, skipped)
-                for key, value in data.items()
+                for key, value in tensor.items()
             }
         )
-    return data
+    return tensor
 
 
 def _same_sequence_type(original: list | tuple, items) -> list | tuple:

@@ -1,6 +1,8 @@
 //! The one mapping from `StoreError` to Python exceptions. The classes live in Python
 //! (`bigmodel.errors`) so users can import and catch them without touching the extension.
 
+use std::io::ErrorKind;
+
 use bigmodel_store::StoreError;
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
@@ -23,13 +25,22 @@ pub fn to_py(err: StoreError) -> PyErr {
 }
 
 /// `OSError(errno, message)`: Python picks the subclass (FileNotFoundError, PermissionError, ...)
-/// from the errno, exactly as for a failing `open()`.
+/// from the errno, exactly as for a failing `open()`. Errors the store made itself carry only
+/// a kind; the kind's errno gives them the same subclass.
 fn os_error(source: &std::io::Error, message: String) -> PyErr {
-    match source.raw_os_error() {
+    let errno = source.raw_os_error().or(match source.kind() {
+        ErrorKind::NotFound => Some(libc::ENOENT),
+        ErrorKind::PermissionDenied => Some(libc::EACCES),
+        ErrorKind::AlreadyExists => Some(libc::EEXIST),
+        ErrorKind::OutOfMemory => Some(libc::ENOMEM),
+        _ => None,
+    });
+    match errno {
         Some(errno) => PyOSError::new_err((errno, message)),
         None => PyOSError::new_err(message),
     }
 }
+
 
 pub trait IntoPyResult<T> {
     fn py_err(self) -> PyResult<T>;

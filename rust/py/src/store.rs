@@ -131,11 +131,25 @@ impl Store {
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let stats = PyDict::new(py);
-        for (key, value) in self.inner.stats().fields() {
-            stats.set_item(key, value)?;
+        let s = self.inner.stats();
+        let dict = PyDict::new(py);
+        for (key, value) in [
+            ("hits", s.hits),
+            ("misses", s.misses),
+            ("prefetch_requests", s.prefetch_requests),
+            ("prefetch_hits", s.prefetch_hits),
+            ("prefetch_dropped", s.prefetch_dropped),
+            ("bytes_read", s.bytes_read),
+            ("evictions", s.evictions),
+            ("resident_bytes", s.resident_bytes),
+            ("peak_resident_bytes", s.peak_resident_bytes),
+            ("pinned_bytes", s.pinned_bytes),
+            ("wait_ns", s.wait_ns),
+        ] {
+            dict.set_item(key, value)?;
         }
-        Ok(stats)
+        dict.set_item("budget", s.budget)?;
+        Ok(dict)
     }
 
     /// Stops the read threads. Tensors already handed out stay valid.

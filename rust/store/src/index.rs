@@ -104,6 +104,385 @@ impl Index {
     }
 }
 
+/// The top level of an index document. Entries stay JSON values here so that an error
+/// in one of them can name the tensor.
+#[derive(Deserialize)]
+struct RawIndex {
+    files: Vec<Value>,
+    tensors: Vec<Value>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+}
+
+impl Index {
+    /// Parses an index document read from `source` (named in every error). Checks the
+    /// `format` and `version` first, so a newer store gets a version error rather than a
+    /// confusing field error; unknown dtypes and codecs fail here, naming the tensor.
+    pub fn parse(bytes: &[u8], source: &Path) -> Result<Index> {
+        let doc: Value = serde_json::from_slice(bytes)
+            .map_err(|e| StoreError::format(source, format!("the index is not valid JSON: {e}")))?;
+        check_format_and_version(&doc, source)?;
+        let raw: RawIndex = serde_json::from_value(doc)
+            .map_err(|e| StoreError::format(source, format!("bad index: {e}")))?;
+        let files = raw
+            .files
+            .into_iter()
+            .enumerate()
+            .map(|(i, value)| parse_item(value, source, || format!("file record #{i}")))
+            .collect::<Result<_>>()?;
+        let tensors = raw
+            .tensors
+            .into_iter()
+            .enumerate()
+            .map(|(i, value)| {
+                let label = match value.get("name").and_then(Value::as_str) {
+                    Some(name) => format!("tensor {name:?}"),
+                    None => format!("tensor #{i}"),
+                };
+                parse_item(value, source, || label)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Index {
+            format: FORMAT_NAME.to_owned(),
+            version: FORMAT_VERSION,
+            files,
+            tensors,
+            metadata: raw.metadata,
+        })
+    }
+
+    /// Reads and validates the committed index of the store at `store_dir`. A directory
+    /// with leftovers of an uncommitted write but no index is `Incomplete`.
+    pub fn read(store_dir: &Path) -> Result<Index> {
+        check_store_dir(store_dir)?;
+        let index_path = store_dir.join(INDEX_FILE);
+        let bytes = match fs::read(&index_path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(missing_index(store_dir, index_path))
+            }
+            Err(_) if index_path.is_dir() => {
+                return Err(StoreError::format(
+                    index_path,
+                    "is a directory, not an index file",
+                ))
+            }
+            Err(e) => return Err(StoreError::io(index_path, e)),
+        };
+        let index = Index::parse(&bytes, &index_path)?;
+        index.validate(store_dir)?;
+        Ok(index)
+    }
+
+    /// Checks every entry before anything is served: unique names, sizes against dtype ×
+    /// shape, safe file names, files present with their recorded size (and a mount's
+    /// mtime), bounds, alignment of store-written data, and no overlaps. Errors name the
+    /// file and the tensor.
+    pub fn validate(&self, store_dir: &Path) -> Result<()> {
+        let index_path = store_dir.join(INDEX_FILE);
+        if self.format != FORMAT_NAME || self.version != FORMAT_VERSION {
+            return Err(StoreError::format(
+                &index_path,
+                format!(
+                    "format {:?} version {} is not {FORMAT_NAME:?} version {FORMAT_VERSION}",
+                    self.format, self.version
+                ),
+            ));
+        }
+        let mut files = FileChecker::new(self, store_dir, &index_path);
+        let mut names = HashSet::with_capacity(self.tensors.len());
+        for entry in &self.tensors {
+            if !names.insert(entry.name.as_str()) {
+                let detail = format!("tensor {:?} is listed twice", entry.name);
+                return Err(StoreError::format(&index_path, detail));
+            }
+            check_sizes(entry, &index_path)?;
+            let path = files.check(entry)?;
+            check_placement(entry, &self.files[entry.file], &path)?;
+        }
+        self.check_overlaps(store_dir)
+    }
+
+    /// Commits this index into `store_dir`: written under the temporary name of
+    /// generation `gen`, flushed, renamed over `bigmodel.index.json`, and the directory
+    /// flushed, so a crash leaves either the old index or the new one.
+    pub fn write_atomic(&self, store_dir: &Path, gen: &str) -> Result<()> {
+        let temp = store_dir.join(layout::temp_file_name(gen, INDEX_FILE));
+        let json = serde_json::to_vec_pretty(self).map_err(|e| StoreError::io(&temp, e.into()))?;
+        let target = store_dir.join(INDEX_FILE);
+        let committed = write_synced(&temp, &json)
+            .and_then(|()| fs::rename(&temp, &target).map_err(|e| StoreError::io(&target, e)));
+        if committed.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        committed?;
+        layout::sync_dir(store_dir)
+    }
+
+    fn check_overlaps(&self, store_dir: &Path) -> Result<()> {
+        // Empty tensors occupy no bytes, so they overlap nothing.
+        let mut spans: Vec<(usize, u64, u64, &str)> = self
+            .tensors
+            .iter()
+            .filter(|e| e.length > 0)
+            .map(|e| (e.file, e.offset, e.offset + e.length, e.name.as_str()))
+            .collect();
+        spans.sort_unstable();
+        for pair in spans.windows(2) {
+            let ((file, start_a, end_a, a), (next_file, start_b, end_b, b)) = (pair[0], pair[1]);
+            if file == next_file && end_a > start_b {
+                return Err(StoreError::format(
+                    self.file_path(store_dir, file),
+                    format!(
+                        "tensors {a:?} [{start_a}, {end_a}) and {b:?} [{start_b}, {end_b}) overlap"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_format_and_version(doc: &Value, source: &Path) -> Result<()> {
+    if !doc.is_object() {
+        return Err(StoreError::format(source, "the index is not a JSON object"));
+    }
+    let format = doc.get("format").and_then(Value::as_str);
+    if format != Some(FORMAT_NAME) {
+        return Err(StoreError::format(
+            source,
+            format!("not a bigmodel store index: format is {format:?}, expected {FORMAT_NAME:?}"),
+        ));
+    }
+    match doc.get("version").and_then(Value::as_u64) {
+        Some(v) if v == u64::from(FORMAT_VERSION) => Ok(()),
+        version => Err(StoreError::format(
+            source,
+            format!(
+                "index version {} is not supported: this build reads version {FORMAT_VERSION} \
+                 (was the store written by a newer bigmodel?)",
+                version.map_or_else(|| "(missing)".to_owned(), |v| v.to_string())
+            ),
+        )),
+    }
+}
+
+fn parse_item<T: serde::de::DeserializeOwned>(
+    value: Value,
+    source: &Path,
+    label: impl FnOnce() -> String,
+) -> Result<T> {
+    serde_json::from_value(value)
+        .map_err(|e| StoreError::format(source, format!("{}: {e}", label())))
+}
+
+fn check_store_dir(store_dir: &Path) -> Result<()> {
+    let meta = fs::metadata(store_dir).map_err(|e| StoreError::io(store_dir, e))?;
+    if meta.is_dir() {
+        return Ok(());
+    }
+    Err(StoreError::format(
+        store_dir,
+        "is a file, not a store directory (a safetensors file is served in place by a mount)",
+    ))
+}
+
+fn missing_index(store_dir: &Path, index_path: PathBuf) -> StoreError {
+    match layout::leftover_files(store_dir) {
+        Ok(leftovers) if !leftovers.is_empty() => StoreError::Incomplete {
+            path: store_dir.to_owned(),
+            detail: format!(
+                "no {INDEX_FILE}, but {} file(s) of an uncommitted write ({}{}): a writer \
+                 crashed or is still running; write the store again",
+                leftovers.len(),
+                leftovers[..leftovers.len().min(3)].join(", "),
+                if leftovers.len() > 3 { ", ..." } else { "" },
+            ),
+        },
+        Ok(_) => StoreError::io(
+            index_path,
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "no index: this directory is not a bigmodel store",
+            ),
+        ),
+        Err(e) => e,
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut file = fs::File::create(path).map_err(|e| StoreError::io(path, e))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| StoreError::io(path, e))
+}
+
+fn check_sizes(entry: &Entry, index_path: &Path) -> Result<()> {
+    let bad = |detail: String| {
+        StoreError::format(index_path, format!("tensor {:?}: {detail}", entry.name))
+    };
+    let expected = byte_size(entry.dtype, &entry.shape)
+        .ok_or_else(|| bad(format!("shape {:?} overflows a 64-bit size", entry.shape)))?;
+    if entry.raw_length != expected {
+        return Err(bad(format!(
+            "raw_length {} but dtype {} shape {:?} needs {expected} bytes",
+            entry.raw_length, entry.dtype, entry.shape
+        )));
+    }
+    if entry.codec == Codec::None && entry.length != entry.raw_length {
+        return Err(bad(format!(
+            "uncompressed but length {} differs from raw_length {}",
+            entry.length, entry.raw_length
+        )));
+    }
+    Ok(())
+}
+
+fn check_placement(entry: &Entry, record: &FileRecord, path: &Path) -> Result<()> {
+    let bad =
+        |detail: String| StoreError::format(path, format!("tensor {:?}: {detail}", entry.name));
+    let end = entry.offset.checked_add(entry.length).ok_or_else(|| {
+        bad(format!(
+            "offset {} + length {} overflows",
+            entry.offset, entry.length
+        ))
+    })?;
+    if end > record.size {
+        return Err(bad(format!(
+            "bytes [{}, {end}) run past the end of the file ({} bytes)",
+            entry.offset, record.size
+        )));
+    }
+    if !record.mounted && entry.offset % ALIGNMENT != 0 {
+        return Err(bad(format!(
+            "offset {} is not a multiple of {ALIGNMENT}",
+            entry.offset
+        )));
+    }
+    Ok(())
+}
+
+/// Checks each file once, when the first tensor that uses it is validated (so the error
+/// can name that tensor).
+struct FileChecker<'a> {
+    index: &'a Index,
+    store_dir: &'a Path,
+    index_path: &'a Path,
+    checked: Vec<bool>,
+    canonical_dir: Option<PathBuf>,
+}
+
+impl<'a> FileChecker<'a> {
+    fn new(index: &'a Index, store_dir: &'a Path, index_path: &'a Path) -> Self {
+        FileChecker {
+            index,
+            store_dir,
+            index_path,
+            checked: vec![false; index.files.len()],
+            canonical_dir: None,
+        }
+    }
+
+    /// The path of `entry`'s file, after checking the file once.
+    fn check(&mut self, entry: &Entry) -> Result<PathBuf> {
+        let Some(record) = self.index.files.get(entry.file) else {
+            return Err(StoreError::format(
+                self.index_path,
+                format!(
+                    "tensor {:?}: file position {} is out of range (the index lists {} files)",
+                    entry.name,
+                    entry.file,
+                    self.index.files.len()
+                ),
+            ));
+        };
+        let path = self.index.file_path(self.store_dir, entry.file);
+        if !self.checked[entry.file] {
+            self.check_location(record, &path, &entry.name)?;
+            check_file_state(record, &path, &entry.name)?;
+            self.checked[entry.file] = true;
+        }
+        Ok(path)
+    }
+
+    /// Mounted files are absolute paths; files we wrote are plain names that stay inside
+    /// the store directory even through a symlink (an index is data, not code to trust).
+    fn check_location(&mut self, record: &FileRecord, path: &Path, tensor: &str) -> Result<()> {
+        let index_path = self.index_path;
+        let bad = |detail: &str| {
+            StoreError::format(
+                index_path,
+                format!("tensor {tensor:?}: file {:?} {detail}", record.path),
+            )
+        };
+        if record.mounted {
+            return match Path::new(&record.path).is_absolute() {
+                true => Ok(()),
+                false => Err(bad("is mounted but not an absolute path")),
+            };
+        }
+        if !is_plain_name(&record.path) {
+            return Err(bad("is not a plain file name inside the store directory"));
+        }
+        let is_link = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+        if is_link && !self.resolves_inside(path) {
+            return Err(bad("is a symlink that leads outside the store directory"));
+        }
+        Ok(())
+    }
+
+    fn resolves_inside(&mut self, path: &Path) -> bool {
+        if self.canonical_dir.is_none() {
+            self.canonical_dir = fs::canonicalize(self.store_dir).ok();
+        }
+        match (&self.canonical_dir, fs::canonicalize(path)) {
+            (Some(dir), Ok(target)) => target.starts_with(dir),
+            // A dangling link: reported as a missing file by the next check.
+            (Some(_), Err(_)) => true,
+            (None, _) => false,
+        }
+    }
+}
+
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0'])
+}
+
+/// The file exists, is a regular file, and has the size (and a mount's mtime) recorded.
+fn check_file_state(record: &FileRecord, path: &Path, tensor: &str) -> Result<()> {
+    let meta = match fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(StoreError::corrupt(path, tensor, "the file is missing"))
+        }
+        Err(e) => return Err(StoreError::io(path, e)),
+    };
+    if !meta.is_file() {
+        let detail = format!("tensor {tensor:?}: not a regular file");
+        return Err(StoreError::format(path, detail));
+    }
+    if meta.len() != record.size {
+        return Err(StoreError::corrupt(
+            path,
+            tensor,
+            format!(
+                "the file is {} bytes, the index records {} (truncated or rewritten)",
+                meta.len(),
+                record.size
+            ),
+        ));
+    }
+    let mtime = layout::mtime_ns(&meta);
+    match record.mtime_ns {
+        Some(recorded) if record.mounted && recorded != mtime => Err(StoreError::corrupt(
+            path,
+            tensor,
+            format!("the file was modified after it was mounted (mtime {mtime} ns, recorded {recorded} ns); mount it again"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 mod dtype_name {
     use super::*;
 
@@ -131,8 +510,9 @@ mod checksum_hex {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
         let text: Option<String> = Option::deserialize(d)?;
         text.map(|t| {
-            u64::from_str_radix(&t, 16)
-                .map_err(|_| serde::de::Error::custom(format!("checksum {t:?} is not 16 hex digits")))
+            u64::from_str_radix(&t, 16).map_err(|_| {
+                serde::de::Error::custom(format!("checksum {t:?} is not 16 hex digits"))
+            })
         })
         .transpose()
     }

@@ -157,10 +157,11 @@ pub fn remove_stale_files(dir: &Path, own_gen: Option<&str>) {
     for name in &names {
         match classify(name) {
             Some(StoreFile::Temp { gen }) if dead.contains(&gen) => remove_quietly(dir, name),
-            Some(StoreFile::Data { gen }) if dead.contains(&gen) => {
-                if referenced.as_ref().is_some_and(|r| !r.contains(name)) {
-                    remove_quietly(dir, name);
-                }
+            Some(StoreFile::Data { gen })
+                if dead.contains(&gen)
+                    && referenced.as_ref().is_some_and(|r| !r.contains(name)) =>
+            {
+                remove_quietly(dir, name)
             }
             _ => {}
         }
@@ -174,8 +175,9 @@ fn remove_quietly(dir: &Path, name: &str) {
     let _ = fs::remove_file(dir.join(name));
 }
 
-/// Store-written file names the committed index references: empty with no index,
-/// `None` when an index exists but cannot be parsed (then no committed data file may go).
+/// Names of files in `dir` the committed index references (written, or mounted from
+/// `dir` itself): empty with no index, `None` when an index exists but cannot be parsed
+/// (then no committed data file may go).
 fn referenced_files(dir: &Path) -> Option<HashSet<String>> {
     let path = dir.join(INDEX_FILE);
     let bytes = match fs::read(&path) {
@@ -184,14 +186,17 @@ fn referenced_files(dir: &Path) -> Option<HashSet<String>> {
         Err(_) => return None,
     };
     let index = Index::parse(&bytes, &path).ok()?;
-    Some(
-        index
-            .files
-            .into_iter()
-            .filter(|f| !f.mounted)
-            .map(|f| f.path)
-            .collect(),
-    )
+    // A mount may serve files of this very directory (by absolute path): they stay too.
+    let canonical_dir = fs::canonicalize(dir).ok();
+    let is_here = |path: &Path| path.parent().map(Path::to_path_buf) == canonical_dir;
+    let names = index.files.into_iter().filter_map(|f| {
+        if !f.mounted {
+            return Some(f.path);
+        }
+        let path = Path::new(&f.path);
+        is_here(path).then(|| path.file_name()?.to_str().map(str::to_owned))?
+    });
+    Some(names.collect())
 }
 
 /// A held lock of a dead writer's generation, released (closed) on drop.
@@ -287,7 +292,10 @@ mod tests {
         let temp = temp_name_of(&shard_file_name(&gen, 0));
         assert_eq!(classify(&temp), Some(StoreFile::Temp { gen: gen.clone() }));
         let index_temp = temp_file_name(&gen, INDEX_FILE);
-        assert_eq!(classify(&index_temp), Some(StoreFile::Temp { gen: gen.clone() }));
+        assert_eq!(
+            classify(&index_temp),
+            Some(StoreFile::Temp { gen: gen.clone() })
+        );
         let lock = format!(".tmp-{gen}.lock");
         assert_eq!(classify(&lock), Some(StoreFile::Lock { gen: gen.clone() }));
         for foreign in [

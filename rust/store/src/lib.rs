@@ -10,13 +10,25 @@
 //! - [`cache`]: the residency cache (budget, pins, LRU eviction that returns memory).
 //! - [`pool`]: background read threads.
 //! - [`store`]: [`store::Store`], the reader that ties them together.
-//! - [`error`]: [`error::StoreError`].
+//! - [`error`]: the error type, [`error::StoreError`].
 
+mod buffers;
+pub mod cache;
 pub mod codec;
 pub mod dtype;
 pub mod error;
 pub mod index;
+pub mod layout;
+mod mapping;
+pub mod mount;
+pub mod pool;
+pub mod safetensors;
+pub mod stats;
+pub mod store;
+pub mod writer;
 
 pub use dtype::DType;
 pub use error::{Result, StoreError};
 pub use index::{Codec, Entry, FileRecord, Index};
+pub use stats::Stats;
+pub use store::{Store, StoreOptions, TensorBytes};

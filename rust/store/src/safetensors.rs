@@ -80,7 +80,10 @@ pub fn parse_header(prefix: &[u8], file_len: u64, path: &Path) -> Result<Header>
         .ok()
         .and_then(|end| prefix.get(8..end))
         .ok_or_else(|| {
-            StoreError::format(path, "the header is truncated (fewer bytes than its length)")
+            StoreError::format(
+                path,
+                "the header is truncated (fewer bytes than its length)",
+            )
         })?;
     parse_json(json, 8 + json_len, file_len, path)
 }
@@ -116,9 +119,8 @@ struct RawTensor {
 }
 
 fn parse_json(json: &[u8], data_start: u64, file_len: u64, path: &Path) -> Result<Header> {
-    let doc: Map<String, Value> = serde_json::from_slice(json).map_err(|e| {
-        StoreError::format(path, format!("the header is not a JSON object: {e}"))
-    })?;
+    let doc: Map<String, Value> = serde_json::from_slice(json)
+        .map_err(|e| StoreError::format(path, format!("the header is not a JSON object: {e}")))?;
     let data_len = file_len - data_start;
     let mut metadata = BTreeMap::new();
     let mut tensors = Vec::with_capacity(doc.len());
@@ -135,6 +137,7 @@ fn parse_json(json: &[u8], data_start: u64, file_len: u64, path: &Path) -> Resul
     }
     // Empty tensors first among equal offsets, so the order walks the file front to back.
     tensors.sort_by_key(|t| (t.offset, t.length));
+    check_no_overlap(&tensors, path)?;
     Ok(Header {
         data_start,
         tensors,
@@ -176,6 +179,21 @@ fn checked_entry(
     })
 }
 
+/// Two tensors sharing bytes would alias each other once mapped; the format forbids it.
+fn check_no_overlap(sorted: &[HeaderEntry], path: &Path) -> Result<()> {
+    let mut previous: Option<&HeaderEntry> = None;
+    for tensor in sorted.iter().filter(|t| t.length > 0) {
+        if let Some(prev) = previous.filter(|p| p.offset + p.length > tensor.offset) {
+            return Err(StoreError::format(
+                path,
+                format!("tensors {:?} and {:?} overlap", prev.name, tensor.name),
+            ));
+        }
+        previous = Some(tensor);
+    }
+    Ok(())
+}
+
 /// One tensor to place in a shard we write.
 #[derive(Debug, Clone, Copy)]
 pub struct ShardTensor<'a> {
@@ -214,7 +232,10 @@ pub fn build_shard_header(tensors: &[ShardTensor]) -> Result<ShardLayout> {
         let begin = align_up(cursor).ok_or_else(|| shard_too_large(tensor.name))?;
         if begin > cursor {
             let pad_name = format!("{PAD_PREFIX}{pads}__");
-            doc.insert(pad_name, entry_json(DType::U8, &[begin - cursor], cursor, begin));
+            doc.insert(
+                pad_name,
+                entry_json(DType::U8, &[begin - cursor], cursor, begin),
+            );
             pads += 1;
         }
         let end = begin
@@ -302,7 +323,10 @@ mod tests {
         assert_eq!(header.metadata["format"], "pt");
         let names: Vec<_> = header.tensors.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
-        assert_eq!((header.tensors[1].offset, header.tensors[1].length), (start + 8, 8));
+        assert_eq!(
+            (header.tensors[1].offset, header.tensors[1].length),
+            (start + 8, 8)
+        );
         assert_eq!(header.tensors[0].dtype, DType::BF16);
     }
 
@@ -316,11 +340,20 @@ mod tests {
             (entry("F32", "[2]", "[0,4]"), "needs 8"),
             (entry("F32", "[1]", "[4,12]"), "outside the data section"),
             (entry("F32", "[1]", "[4,0]"), "outside the data section"),
-            (entry("F64", "[4294967296,4294967296]", "[0,4]"), "overflows"),
+            (
+                entry("F64", "[4294967296,4294967296]", "[0,4]"),
+                "overflows",
+            ),
             (entry("F32", "[-1]", "[0,4]"), "tensor \"t\""),
             ("[1,2]".to_owned(), "not a JSON object"),
             ("{\"t\":".to_owned(), "not a JSON object"),
             (r#"{"__metadata__":{"a":1}}"#.to_owned(), "__metadata__"),
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},
+                    "b":{"dtype":"I16","shape":[2],"data_offsets":[2,6]}}"#
+                    .to_owned(),
+                "overlap",
+            ),
         ];
         for (json, reason) in cases {
             let detail = format_detail(parse(&file_bytes(&json, 8)));
@@ -337,7 +370,11 @@ mod tests {
         let past_end = file_bytes("{}", 0);
         let detail = format_detail(parse_header(&past_end, 5, Path::new("t.safetensors")));
         assert!(detail.contains("past the end"));
-        let detail = format_detail(parse_header(&past_end[..9], 100, Path::new("t.safetensors")));
+        let detail = format_detail(parse_header(
+            &past_end[..9],
+            100,
+            Path::new("t.safetensors"),
+        ));
         assert!(detail.contains("truncated"));
     }
 
@@ -363,7 +400,10 @@ mod tests {
         for (i, name) in names.iter().enumerate() {
             let parsed = header.tensors.iter().find(|t| t.name == *name).unwrap();
             assert_eq!(parsed.offset, layout.offsets[i], "{name}");
-            assert_eq!((parsed.dtype, parsed.shape.as_slice()), (dtypes[i], shapes[i]));
+            assert_eq!(
+                (parsed.dtype, parsed.shape.as_slice()),
+                (dtypes[i], shapes[i])
+            );
         }
         assert_tiles_data_section(&header, layout.file_len);
     }

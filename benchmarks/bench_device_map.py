@@ -1,0 +1,126 @@
+"""infer_auto_device_map on a ~40k-module model: bigmodel vs accelerate.
+
+The model is a decoder-only transformer skeleton built on the meta device (no memory):
+token embedding tied to the output head, N blocks of attention + MLP (12 modules each), a
+final norm. The budget spreads it over three GPUs, the CPU and the disk, so the planner has
+to split the block list, move between devices and keep the tied pair together.
+
+Both libraries plan the same model with the same budget, alternating, and the maps must be
+identical (same keys, devices and order). Prints the median times and the speed-up.
+
+    .venv/bin/python benchmarks/bench_device_map.py [--blocks 3300] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from accelerate.utils import modeling as accelerate_modeling
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_description, median_of_alternating  # noqa: E402
+
+from bigmodel.device_map import infer_auto_device_map  # noqa: E402
+from bigmodel.memory import compute_module_sizes  # noqa: E402
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.o_proj = nn.Linear(dim, dim)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.down_proj = nn.Linear(4 * dim, dim)
+
+
+class DecoderBlock(nn.Module):
+    """12 modules: the block, 2 norms, attention (5), MLP (4)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.input_norm = nn.LayerNorm(dim)
+        self.attn = Attention(dim)
+        self.post_norm = nn.LayerNorm(dim)
+        self.mlp = MLP(dim)
+
+
+class Decoder(nn.Module):
+    def __init__(self, n_blocks: int, dim: int, vocab: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(DecoderBlock(dim) for _ in range(n_blocks))
+        self.norm = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.embed_tokens.weight
+
+
+def build_model(n_blocks: int) -> nn.Module:
+    with torch.device("meta"):
+        return Decoder(n_blocks, dim=256, vocab=32000)
+
+
+def budget_for(model: nn.Module) -> dict:
+    """Three GPUs holding about 70% of the model, a CPU holding 20%, the rest on disk."""
+    total = compute_module_sizes(model)[""]
+    return {
+        0: int(total * 0.25),
+        1: int(total * 0.25),
+        2: int(total * 0.2),
+        "cpu": int(total * 0.2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=3300, help="decoder blocks (12 modules each)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (median)")
+    args = parser.parse_args()
+
+    # accelerate warns once per GPU id that this host does not have; that is expected here.
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    logging.getLogger("bigmodel").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore", UserWarning)
+
+    model = build_model(args.blocks)
+    n_modules = sum(1 for _ in model.named_modules())
+    max_memory = budget_for(model)
+    plans = {
+        "bigmodel": lambda: infer_auto_device_map(model, max_memory=dict(max_memory)),
+        "accelerate": lambda: accelerate_modeling.infer_auto_device_map(
+            model, max_memory=dict(max_memory)
+        ),
+    }
+    ours, theirs = plans["bigmodel"](), plans["accelerate"]()
+    if list(ours.items()) != list(theirs.items()):
+        raise SystemExit("the device maps differ: the comparison would be meaningless")
+
+    medians = median_of_alternating(plans, repeats=args.repeats)
+    print(f"machine: {machine_description()}")
+    print(
+        f"model: {n_modules} modules, {len(ours)} device-map entries, devices {sorted(map(str, set(ours.values())))}"
+    )
+    print(
+        f"accelerate infer_auto_device_map: {medians['accelerate']:.3f} s (median of {args.repeats})"
+    )
+    print(
+        f"bigmodel   infer_auto_device_map: {medians['bigmodel']:.3f} s (median of {args.repeats})"
+    )
+    print(f"speed-up: {medians['accelerate'] / medians['bigmodel']:.1f}x (maps identical)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Tied parameters: one Parameter object reachable under several names (tied embeddings...).
+
+Planning keeps tied parameters on one device, loading re-establishes ties that hooks or
+checkpoint loading broke. Names and results match accelerate 1.15.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from bigmodel.tensors import iter_named_tensors
+
+logger = logging.getLogger(__name__)
+
+
+def find_tied_parameters(model: nn.Module, **kwargs: object) -> list[list[str]]:
+    """Groups of names that refer to the same Parameter object.
+
+    Each group is sorted and holds the first (canonical) name of the parameter and all its
+    other names, e.g. ``[["linear1.weight", "linear2.weight"]]``. Buffers are not considered.
+    ``kwargs`` are accepted for compatibility and ignored.
+
+    As in accelerate, groups are listed in the iteration order of a set of names (stable within
+    a process, not across runs): compare them sorted.
+    """
+    every_name = dict(iter_named_tensors(model, remove_duplicate=False))
+    canonical = dict(iter_named_tensors(model))
+    canonical_name_of = {id(parameter): name for name, parameter in canonical.items()}
+    # The same set expression as accelerate, so that groups come in the same order.
+    alias_names = set(every_name.keys()) - set(canonical.keys())
+    aliases_of: dict[str, list[str]] = {}
+    for alias in alias_names:
+        first_name = canonical_name_of[id(every_name[alias])]
+        aliases_of.setdefault(first_name, []).append(alias)
+    return [sorted([first_name, *aliases]) for first_name, aliases in aliases_of.items()]
+
+
+def retie_parameters(model: nn.Module, tied_params: list[list[str]]) -> None:
+    """Makes every name of each group point to one Parameter again.
+
+    The shared object is the first member (in group order) that is not on the meta device;
+    a group whose members are all on meta is left alone.
+    """
+    for group in tied_params:
+        source = next(
+            (
+                parameter
+                for parameter in (_get_tensor(model, name) for name in group)
+                if parameter.device.type != "meta"
+            ),
+            None,
+        )
+        if source is None:
+            continue
+        for name in group:
+            owner_path, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(owner_path), attribute, source)
+
+
+def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    owner_path, _, attribute = name.rpartition(".")
+    return getattr(model.get_submodule(owner_path), attribute)
+
+
+def check_tied_parameters_on_same_device(
+    tied_params: list[list[str]], device_map: Mapping[str, object]
+) -> None:
+    """Logs a warning for each tied group whose members the device map puts on several devices.
+
+    Raises:
+        ValueError: the device map gives no device for one of the names.
+    """
+    for group in tied_params:
+        devices = {name: _mapped_device(name, device_map) for name in group}
+        if len(set(devices.values())) > 1:
+            logger.warning(
+                f"Tied parameters are on different devices: {devices}. "
+                "Please modify your custom device map or set `device_map='auto'`. "
+            )
+
+
+def _mapped_device(name: str, device_map: Mapping[str, object]) -> object:
+    """The device of the longest key of ``device_map`` that is ``name`` or one of its parents."""
+    candidate = name
+    while candidate not in device_map:
+        if candidate == "":
+            raise ValueError(f"The `device_map` does not contain the module {name}.")
+        candidate = candidate.rpartition(".")[0]
+    return device_map[candidate]
+
+
+def check_tied_parameters_in_config(model: nn.Module) -> bool:
+    """True if a transformers model's config or modules say that some weights should be tied.
+
+    Looks at ``tie_word_embeddings`` (with output embeddings present), ``is_encoder_decoder``
+    with ``tie_encoder_decoder``, and submodules with a ``_tie_weights`` method. Always False
+    for models that are not transformers ``PreTrainedModel`` subclasses.
+    """
+    if "PreTrainedModel" not in [cls.__name__ for cls in inspect.getmro(type(model))]:
+        return False
+    config = getattr(model, "config", None)
+    decoder_config = config
+    if config is not None and hasattr(config, "get_text_config"):
+        decoder_config = config.get_text_config(decoder=True)
+    ties_word_embeddings = bool(
+        decoder_config is not None
+        and getattr(decoder_config, "tie_word_embeddings", False)
+        and model.get_output_embeddings()
+    )
+    ties_encoder_decoder = bool(
+        getattr(config, "is_encoder_decoder", False)
+        and getattr(config, "tie_encoder_decoder", False)
+    )
+    has_tying_module = any(hasattr(module, "_tie_weights") for module in model.modules())
+    return ties_word_embeddings or ties_encoder_decoder or has_tying_module

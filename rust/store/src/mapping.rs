@@ -1,0 +1,447 @@
+//! File mappings and the reads that bring one tensor's bytes into memory.
+//!
+//! Each store file gets one private (copy-on-write) mapping, opened on first use and shared
+//! by every tensor of the file. Before any page of a file is touched, its size (and, for a
+//! mounted file, its modification time) is compared with the index: a file that changed is
+//! reported as [`StoreError::Corrupt`] instead of crashing the process with SIGBUS or
+//! serving bytes the index does not describe.
+//!
+//! What remains possible: a file truncated *while* a view of it is in use (after the check)
+//! still makes the next touch of a vanished page raise SIGBUS; no mapping can prevent that.
+//! A mounted file rewritten in place without changing size or mtime is not detected either.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::{Arc, OnceLock};
+
+use memmap2::{MmapMut, MmapOptions};
+
+use crate::buffers::AlignedBuf;
+use crate::codec;
+use crate::error::{Result, StoreError};
+use crate::index::{Codec, Entry, FileRecord, Index};
+use crate::layout;
+
+/// The lazily opened mappings of every file of one index.
+pub(crate) struct FileSet {
+    paths: Vec<PathBuf>,
+    records: Vec<FileRecord>,
+    maps: Vec<OnceLock<Arc<FileMap>>>,
+}
+
+impl FileSet {
+    pub fn new(index: &Index, root: &Path) -> FileSet {
+        FileSet {
+            paths: (0..index.files.len())
+                .map(|file| index.file_path(root, file))
+                .collect(),
+            records: index.files.clone(),
+            maps: index.files.iter().map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    pub fn path(&self, file: usize) -> &Path {
+        &self.paths[file]
+    }
+
+    /// The mapping of `file`, opening it on first use. Two threads may race to open it: one
+    /// mapping wins, the other is dropped, and both callers use the winner.
+    pub fn open(&self, file: usize, tensor: &str) -> Result<&Arc<FileMap>> {
+        if let Some(map) = self.maps[file].get() {
+            return Ok(map);
+        }
+        let map = FileMap::open(&self.paths[file], &self.records[file], tensor)?;
+        Ok(self.maps[file].get_or_init(|| Arc::new(map)))
+    }
+
+    /// The mapping of `file` if some read already opened it.
+    pub fn opened(&self, file: usize) -> Option<&Arc<FileMap>> {
+        self.maps[file].get()
+    }
+}
+
+/// One file, open and mapped copy-on-write over its whole recorded length.
+pub(crate) struct FileMap {
+    path: PathBuf,
+    file: File,
+    map: MmapMut,
+    record: FileRecord,
+}
+
+impl FileMap {
+    fn open(path: &Path, record: &FileRecord, tensor: &str) -> Result<FileMap> {
+        let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+        check_metadata(&file, path, record, tensor)?;
+        let len = usize::try_from(record.size)
+            .map_err(|_| StoreError::format(path, "file too large for this platform"))?;
+        // SAFETY: MAP_PRIVATE: writes through the mapping never reach the file. Changes made
+        // to the file by others are detected by `check_unchanged` before each read.
+        let map = unsafe { MmapOptions::new().len(len).map_copy(&file) }
+            .map_err(|e| StoreError::io(path, e))?;
+        Ok(FileMap {
+            path: path.to_owned(),
+            file,
+            map,
+            record: record.clone(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Fails with `Corrupt` when the file's size, or a mounted file's mtime, differs from the
+    /// index: its bytes are no longer the ones the index describes.
+    pub fn check_unchanged(&self, tensor: &str) -> Result<()> {
+        check_metadata(&self.file, &self.path, &self.record, tensor)
+    }
+
+    /// The mapping bytes `[offset, offset + len)`, or `Format` when the range does not lie
+    /// inside the file: memory safety never depends on the index having been validated.
+    pub fn bytes(&self, offset: u64, len: u64, tensor: &str) -> Result<&[u8]> {
+        let end = offset
+            .checked_add(len)
+            .filter(|&end| end <= self.map.len() as u64);
+        match end {
+            Some(end) => Ok(&self.map[offset as usize..end as usize]),
+            None => Err(StoreError::format(
+                &self.path,
+                format!("tensor {tensor:?}: bytes {offset}+{len} lie outside the file"),
+            )),
+        }
+    }
+
+    /// The address of byte `offset` of the mapping (checked by `bytes` beforehand).
+    fn address(&self, offset: u64) -> NonNull<u8> {
+        NonNull::new(self.map.as_ptr().wrapping_add(offset as usize).cast_mut())
+            .expect("mapping addresses are non-null")
+    }
+
+    /// Faults the pages of `[offset, offset + len)` in now, so the cost is paid by the reader
+    /// and resident accounting is true. `MADV_POPULATE_READ` reports a page past the end of
+    /// the file as an error (EFAULT) where touching it would raise SIGBUS.
+    pub fn populate(&self, offset: u64, len: u64, tensor: &str) -> Result<()> {
+        let bytes = self.bytes(offset, len, tensor)?;
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let start = offset as usize / page_size() * page_size();
+        let span = offset as usize + bytes.len() - start;
+        match madvise(
+            self.map.as_ptr() as usize + start,
+            span,
+            libc::MADV_POPULATE_READ,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                touch_pages(bytes);
+                Ok(())
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EFAULT) => Err(StoreError::corrupt(
+                &self.path,
+                tensor,
+                "the file shrank while its pages were read",
+            )),
+            Err(e) => Err(StoreError::io(&self.path, e)),
+        }
+    }
+
+    /// Gives back the pages lying entirely inside `[offset, offset + len)`. Pages shared with
+    /// a neighbouring tensor are kept, so a live neighbour never loses (or re-reads) a byte.
+    /// Dropped clean pages are re-read from the file on the next touch.
+    pub fn release_pages(&self, offset: u64, len: u64) {
+        let start = (offset as usize).next_multiple_of(page_size());
+        let end = offset.saturating_add(len) as usize / page_size() * page_size();
+        if end > start && end <= self.map.len() {
+            // A failure only means the pages stay resident: nothing to report.
+            let _ = madvise(
+                self.map.as_ptr() as usize + start,
+                end - start,
+                libc::MADV_DONTNEED,
+            );
+        }
+    }
+
+    /// Reads `dst.len()` bytes at `offset` with `pread`, straight into the destination.
+    fn read_into(&self, offset: u64, dst: &mut [u8], tensor: &str) -> Result<()> {
+        self.file
+            .read_exact_at(dst, offset)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => StoreError::corrupt(
+                    &self.path,
+                    tensor,
+                    "the file ends before the tensor's bytes",
+                ),
+                _ => StoreError::io(&self.path, e),
+            })
+    }
+}
+
+/// A tensor's bytes in memory: a view of its file's mapping, or an owned buffer.
+pub(crate) enum Loaded {
+    View {
+        map: Arc<FileMap>,
+        offset: u64,
+        len: u64,
+    },
+    Owned(AlignedBuf),
+}
+
+impl Loaded {
+    pub fn address(&self) -> NonNull<u8> {
+        match self {
+            Loaded::View { map, offset, .. } => map.address(*offset),
+            Loaded::Owned(buf) => NonNull::new(buf.as_ptr()).expect("buffers are non-null"),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Loaded::View { len, .. } => *len as usize,
+            Loaded::Owned(buf) => buf.len(),
+        }
+    }
+
+    /// Drops a view's pages (see `FileMap::release_pages`); an owned buffer is freed by
+    /// dropping it instead.
+    pub fn release_pages(&self) {
+        if let Loaded::View { map, offset, len } = self {
+            map.release_pages(*offset, *len);
+        }
+    }
+}
+
+/// True when the tensor is served as a view of its file: uncompressed and at an offset
+/// aligned to its dtype (mapping bases are page-aligned, so the address is aligned too).
+pub(crate) fn is_view(entry: &Entry) -> bool {
+    entry.codec == Codec::None && entry.offset % entry.dtype.size() == 0
+}
+
+/// Brings `entry`'s bytes into memory: populates a view, or fills an owned buffer (`reuse`
+/// when the cache has a fitting one, else a new one). With `verify`, checks the checksum.
+pub(crate) fn load(
+    map: &Arc<FileMap>,
+    entry: &Entry,
+    reuse: Option<AlignedBuf>,
+    verify: bool,
+) -> Result<Loaded> {
+    map.check_unchanged(&entry.name)?;
+    let loaded = if is_view(entry) {
+        map.populate(entry.offset, entry.length, &entry.name)?;
+        let (offset, len) = (entry.offset, entry.length);
+        Loaded::View {
+            map: Arc::clone(map),
+            offset,
+            len,
+        }
+    } else {
+        Loaded::Owned(load_owned(map, entry, reuse)?)
+    };
+    if verify {
+        let raw = map_slice(&loaded);
+        verify_checksum(entry, raw, map.path())?;
+    }
+    Ok(loaded)
+}
+
+fn load_owned(map: &FileMap, entry: &Entry, reuse: Option<AlignedBuf>) -> Result<AlignedBuf> {
+    let raw_len = usize::try_from(entry.raw_length)
+        .map_err(|_| StoreError::format(map.path(), "tensor too large for this platform"))?;
+    let mut buf = match reuse {
+        Some(buf) => buf.reuse_for(raw_len),
+        None => AlignedBuf::new(raw_len).map_err(|e| StoreError::io(map.path(), e))?,
+    };
+    match entry.codec {
+        Codec::None => {
+            map.bytes(entry.offset, entry.raw_length, &entry.name)?;
+            map.read_into(entry.offset, buf.as_mut_slice(), &entry.name)?;
+        }
+        Codec::Zstd => {
+            map.populate(entry.offset, entry.length, &entry.name)?;
+            let frame = map.bytes(entry.offset, entry.length, &entry.name)?;
+            let decoded =
+                codec::decompress_into(frame, buf.as_mut_slice(), map.path(), &entry.name);
+            // The frame is not needed once decoded: keep only the tensor resident.
+            map.release_pages(entry.offset, entry.length);
+            decoded?;
+        }
+    }
+    Ok(buf)
+}
+
+fn map_slice(loaded: &Loaded) -> &[u8] {
+    // SAFETY: `address()..+len()` is the populated view or the filled buffer, owned by
+    // `loaded`, which outlives the returned slice.
+    unsafe { std::slice::from_raw_parts(loaded.address().as_ptr(), loaded.len()) }
+}
+
+fn verify_checksum(entry: &Entry, raw: &[u8], path: &Path) -> Result<()> {
+    match entry.checksum {
+        Some(expected) if codec::checksum(raw) != expected => Err(StoreError::corrupt(
+            path,
+            &entry.name,
+            format!("checksum mismatch (the index records {expected:016x})"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The checksum of `entry`'s raw bytes as stored in `file`, read with `pread` through
+/// `scratch` (never through the mapping or the cache, so `verify` neither disturbs live
+/// tensors nor grows memory). A short file or a bad frame is `Corrupt`.
+pub(crate) fn stored_checksum(
+    file: &File,
+    path: &Path,
+    entry: &Entry,
+    scratch: &mut [u8],
+) -> Result<u64> {
+    let end = entry.offset.checked_add(entry.length).ok_or_else(|| {
+        StoreError::format(path, format!("tensor {:?}: offset overflows", entry.name))
+    })?;
+    let reader = RangeReader {
+        file,
+        pos: entry.offset,
+        end,
+        failure: None,
+    };
+    let (sum, total, reader) = match entry.codec {
+        Codec::None => hash_stream(reader, scratch, entry.raw_length),
+        Codec::Zstd => {
+            let decoder = zstd::stream::read::Decoder::new(reader)
+                .map_err(|e| StoreError::io(path, e))?
+                .single_frame();
+            let (sum, total, decoder) = hash_stream(decoder, scratch, entry.raw_length);
+            (sum, total, decoder.finish().into_inner())
+        }
+    };
+    if let Some(failure) = reader.failure {
+        return Err(StoreError::io(path, failure));
+    }
+    match (sum, total) {
+        (Ok(sum), total) if total == entry.raw_length => Ok(sum),
+        (Ok(_), total) => Err(StoreError::corrupt(
+            path,
+            &entry.name,
+            format!(
+                "decodes to {total} bytes or more, the index records {}",
+                entry.raw_length
+            ),
+        )),
+        (Err(e), _) => Err(StoreError::corrupt(path, &entry.name, e.to_string())),
+    }
+}
+
+/// Hashes everything `src` yields, stopping early once more than `limit` bytes came out.
+/// Returns the hash, the byte count and `src` (so the caller can look at its failure).
+fn hash_stream<R: io::Read>(
+    mut src: R,
+    scratch: &mut [u8],
+    limit: u64,
+) -> (io::Result<u64>, u64, R) {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut total = 0u64;
+    loop {
+        match src.read(scratch) {
+            Ok(0) => return (Ok(hasher.digest()), total, src),
+            Ok(n) => {
+                hasher.update(&scratch[..n]);
+                total += n as u64;
+                if total > limit {
+                    return (Ok(hasher.digest()), total, src);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (Err(e), total, src),
+        }
+    }
+}
+
+/// `Read` over `[pos, end)` of a file with `pread`. A file shorter than the range reads as
+/// `UnexpectedEof` (damage); an OS failure is kept in `failure` to be reported as I/O.
+struct RangeReader<'f> {
+    file: &'f File,
+    pos: u64,
+    end: u64,
+    failure: Option<io::Error>,
+}
+
+impl io::Read for RangeReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = buf.len().min((self.end - self.pos) as usize);
+        if want == 0 {
+            return Ok(0);
+        }
+        match self.file.read_at(&mut buf[..want], self.pos) {
+            Ok(0) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the file ends at byte {}, before the tensor's last byte {}",
+                    self.pos, self.end
+                ),
+            )),
+            Ok(n) => {
+                self.pos += n as u64;
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
+            Err(e) => {
+                let copy = io::Error::new(e.kind(), e.to_string());
+                self.failure = Some(e);
+                Err(copy)
+            }
+        }
+    }
+}
+
+fn madvise(address: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
+    loop {
+        // SAFETY: callers pass page-aligned ranges inside a live mapping they own; the advice
+        // values used (POPULATE_READ, DONTNEED on a private file mapping) never make memory
+        // invalid, only absent-until-refaulted.
+        let rc = unsafe { libc::madvise(address as *mut libc::c_void, len, advice) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if !matches!(err.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) {
+            return Err(err);
+        }
+    }
+}
+
+/// Faults pages in by reading one byte of each (kernels before 5.14 lack POPULATE_READ).
+fn touch_pages(bytes: &[u8]) {
+    for page in bytes.chunks(page_size()) {
+        // SAFETY: `page` is a non-empty in-bounds slice; the volatile read keeps the compiler
+        // from removing a read whose value is unused.
+        unsafe { std::ptr::read_volatile(page.as_ptr()) };
+    }
+}
+
+fn page_size() -> usize {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *PAGE.get_or_init(|| unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize)
+}
+
+fn check_metadata(file: &File, path: &Path, record: &FileRecord, tensor: &str) -> Result<()> {
+    let meta = file.metadata().map_err(|e| StoreError::io(path, e))?;
+    if meta.len() != record.size {
+        let detail = format!(
+            "the file is {} bytes, the index records {}: it changed after the store was written",
+            meta.len(),
+            record.size
+        );
+        return Err(StoreError::corrupt(path, tensor, detail));
+    }
+    match record.mtime_ns {
+        Some(recorded) if record.mounted && layout::mtime_ns(&meta) != recorded => {
+            let detail = "the mounted file was modified after it was mounted (its mtime changed)";
+            Err(StoreError::corrupt(path, tensor, detail))
+        }
+        _ => Ok(()),
+    }
+}
