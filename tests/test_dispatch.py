@@ -495,6 +495,22 @@ def test_dispatch_with_a_safetensors_offload_index(tmp_path):
     assert torch.equal(model(x), expected)
 
 
+def test_dispatch_with_a_dat_offload_index(tmp_path):
+    model, twin, x = _pair(ModelForTest)
+    expected = model(x)
+    offload_state_dict(
+        tmp_path, {"linear2.weight": twin.linear2.weight, "linear2.bias": twin.linear2.bias}
+    )
+    index = json.loads((tmp_path / "index.json").read_text())
+    device_map = {"linear1": "cpu", "batchnorm": "cpu", "linear2": "disk"}
+    dispatch_model(model, device_map, offload_dir=tmp_path, offload_index=index)
+    assert torch.equal(model(x), expected)
+
+    del index["linear2.bias"]
+    with pytest.raises(ValueError, match=r"the offload_index .* lacks 1 tensor.*'linear2\.bias'"):
+        dispatch_model(ModelForTest(), device_map, offload_dir=tmp_path, offload_index=index)
+
+
 def test_dispatch_single_device_moves_the_model_without_hooks():
     model = ModelForTest()
     dispatch_model(model, {"": "cpu"})

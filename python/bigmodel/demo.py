@@ -101,7 +101,7 @@ def run(folder: Path, budget: str, new_tokens: int) -> bool:
     from transformers import AutoConfig, LlamaForCausalLM
 
     from bigmodel import init_empty_weights, load_checkpoint_and_dispatch
-    from bigmodel.prefetch import store_of
+    from bigmodel.prefetch import offload_stats
 
     reference = _ensure_built(folder, new_tokens)
     baseline_kib = _memory_kib("VmRSS")
@@ -120,7 +120,7 @@ def run(folder: Path, budget: str, new_tokens: int) -> bool:
     started = time.perf_counter()
     tokens = _generate(model, new_tokens)
     generate_s = time.perf_counter() - started
-    stats = store_of(model).stats()
+    stats = offload_stats(model)
     _report(folder, budget, baseline_kib, setup_s, generate_s, new_tokens, stats, reference, tokens)
     return tokens == reference["tokens"]
 

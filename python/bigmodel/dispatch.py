@@ -42,6 +42,7 @@ from bigmodel.offload import (
     TensorSource,
     extract_submodules_state_dict,
 )
+from bigmodel.prefetch import attach_prefetcher
 from bigmodel.store import TensorStore, write_store
 from bigmodel.tied import find_tied_parameters, retie_parameters
 
@@ -138,6 +139,7 @@ def _offload_whole_model(model, execution_device, offload_buffers, weights_map, 
         preload_module_classes=preload_classes,
     )
     _tie_meta_placeholders(model, tied_params)
+    attach_prefetcher(model)  # store-served weights are read ahead of their forward
 
 
 def cpu_offload_with_hook(
@@ -263,6 +265,7 @@ def _dispatch_with_hooks(model, device_map, main_device, state_dict, options) ->
     # Hooks replace offloaded tensors by placeholders: tie them again.
     retie_parameters(model, tied_params)
     _tie_meta_placeholders(model, tied_params)
+    attach_prefetcher(model)
     _guard_moves(model)
 
 
@@ -483,12 +486,7 @@ def _index_sources(
     }
     sources = _safetensors_sources(safetensors_entries)
     dat_entries = {n: e for n, e in offload_index.items() if n not in safetensors_entries}
-    if dat_entries:
-        if save_folder is None:
-            raise ValueError(
-                f"the offload_index lists .dat entries ({_name_list(dat_entries)}) but no "
-                "offload_dir to read them from: pass offload_dir"
-            )
+    if dat_entries and save_folder is not None:  # without a folder they cannot be read
         dat_files = OffloadedWeightsLoader(save_folder=save_folder, index=dat_entries)
         sources.update({name: TensorSource(dat_files, name) for name in dat_entries})
     for name, candidates in ties.items():  # a tied name the index lacks: its partner's entry
@@ -547,7 +545,8 @@ def _check_sources(
         problems.append("shapes differ: " + "; ".join(mismatched[:_NAMES_SHOWN]))
     raise ValueError(
         f"the offloaded weights in {where} do not match the model: {'; '.join(problems)}. "
-        "Point offload_dir at an empty folder to write this model's weights again."
+        "Check that they belong to this model; an empty offload_dir makes bigmodel write the "
+        "model's weights there again."
     )
 
 
