@@ -57,6 +57,7 @@ def build(folder: Path, new_tokens: int) -> None:
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(LlamaConfig(**DEMO_CONFIG)).eval()
     model.save_pretrained(folder / "checkpoint", max_shard_size="500MB")
+    _generate(model, 1)  # warm-up, so the timing below is of generation alone
     started = time.perf_counter()
     tokens = _generate(model, new_tokens)
     seconds = time.perf_counter() - started

@@ -747,6 +747,8 @@ def load_checkpoint_and_dispatch(
     )
     if device_map is None:
         return model
+    if budgets is None and max_memory is not None:
+        budgets = get_max_memory(dict(max_memory))
     return dispatch_model(
         model,
         device_map=device_map,
@@ -755,7 +757,21 @@ def load_checkpoint_and_dispatch(
         skip_keys=skip_keys,
         preload_module_classes=preload_module_classes,
         force_hooks=force_hooks,
+        max_resident=_disk_cache_budget(model, device_map, budgets, dtype),
     )
+
+
+def _disk_cache_budget(model, device_map, budgets, dtype) -> int | None:
+    """RAM left for the disk store's cache: the CPU budget minus the weights kept in RAM.
+
+    The planner keeps room for the largest layer on the CPU, so this is at least one layer:
+    the one computing. Without a CPU budget the cache is unbounded.
+    """
+    if budgets is None or "cpu" not in budgets or "disk" not in device_map.values():
+        return None
+    sizes = compute_module_sizes(model, dtype=dtype)
+    in_ram = sum(sizes[name] for name, device in device_map.items() if device == "cpu")
+    return max(int(budgets["cpu"] - in_ram), 0)
 
 
 # --------------------------------------------------------------------------------------

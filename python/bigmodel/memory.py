@@ -11,7 +11,6 @@ gaps (see `get_balanced_memory`).
 from __future__ import annotations
 
 import enum
-import itertools
 import logging
 import re
 from collections import defaultdict
@@ -21,7 +20,7 @@ import psutil
 import torch
 from torch import nn
 
-from bigmodel.tensors import iter_named_tensors, keeps_own_dtype
+from bigmodel.tensors import keeps_own_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +111,93 @@ def as_torch_dtype(dtype: DtypeLike) -> torch.dtype:
     return dtype
 
 
+class ModelScan:
+    """The modules and tensors of a model, collected in one walk.
+
+    Planning needs the same listings several times (sizes, tied parameters, the module tree);
+    on models with tens of thousands of modules each torch walk costs tens of milliseconds, so
+    they are all taken from one ``named_modules(remove_duplicate=False)`` walk, reading
+    ``_parameters`` and ``_buffers`` like torch's own listings do.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        # Every module under every name (a shared module appears once per name).
+        self.paths: list[tuple[str, nn.Module]] = []
+        # Same as named_modules(): first names only, the subtrees of repeated modules skipped.
+        self.modules: list[tuple[str, nn.Module]] = []
+        # Same as named_parameters(remove_duplicate=False), named_parameters(), named_buffers().
+        self.every_parameter: list[tuple[str, torch.Tensor]] = []
+        self.parameters: list[tuple[str, torch.Tensor]] = []
+        self.buffers: list[tuple[str, torch.Tensor]] = []
+        seen_modules: set[nn.Module] = set()
+        seen_tensors: set[torch.Tensor] = set()
+        for path, module in model.named_modules(remove_duplicate=False):
+            self.paths.append((path, module))
+            # A module met again is skipped by named_modules() with its whole subtree: all
+            # modules below it were met (under its first name) before, too.
+            first_visit = module not in seen_modules
+            if first_visit:
+                seen_modules.add(module)
+                self.modules.append((path, module))
+            prefix = f"{path}." if path else ""
+            for name, parameter in module._parameters.items():
+                if parameter is None:
+                    continue
+                self.every_parameter.append((prefix + name, parameter))
+                if first_visit and parameter not in seen_tensors:
+                    seen_tensors.add(parameter)
+                    self.parameters.append((prefix + name, parameter))
+            if first_visit:
+                for name, buffer in module._buffers.items():
+                    if buffer is not None and buffer not in seen_tensors:
+                        seen_tensors.add(buffer)
+                        self.buffers.append((prefix + name, buffer))
+
+    def module_sizes(
+        self,
+        dtype: DtypeLike | None = None,
+        special_dtypes: Mapping[str, DtypeLike] | None = None,
+        buffers_only: bool = False,
+    ) -> defaultdict[str, Size]:
+        """`compute_module_sizes` for the scanned model (same values, same key order)."""
+        tensors = self.buffers if buffers_only else self.parameters + self.buffers
+        size_of = _tensor_sizer(dtype, special_dtypes)
+        tensor_sizes = [size_of(name, tensor) for name, tensor in tensors]
+        totals = self._subtree_totals(tensors, tensor_sizes)
+        # accelerate lists, for each tensor in order, its not yet listed parents (outermost
+        # first) then the tensor. A listed parent has all its own parents listed already.
+        sizes: defaultdict[str, Size] = defaultdict(int)
+        for (name, _), size in zip(tensors, tensor_sizes, strict=True):
+            unlisted = []
+            parent = name.rpartition(".")[0]
+            while parent not in sizes:
+                unlisted.append(parent)
+                if not parent:
+                    break
+                parent = parent.rpartition(".")[0]
+            for parent in reversed(unlisted):
+                sizes[parent] = totals[parent]
+            sizes[name] = size
+        return sizes
+
+    def _subtree_totals(
+        self, tensors: list[tuple[str, torch.Tensor]], tensor_sizes: list[Size]
+    ) -> dict[str, Size]:
+        """Bytes under each module path that holds tensors (directly or below).
+
+        Sums are exact whatever their order: sizes are multiples of 1/8 byte.
+        """
+        totals: dict[str, Size] = {}
+        for (name, _), size in zip(tensors, tensor_sizes, strict=True):
+            owner = name.rpartition(".")[0]
+            totals[owner] = totals.get(owner, 0) + size
+        for path, _ in reversed(self.modules):  # children before their parent
+            if path and path in totals:
+                parent = path.rpartition(".")[0]
+                totals[parent] = totals.get(parent, 0) + totals[path]
+        return totals
+
+
 def compute_module_sizes(
     model: nn.Module,
     dtype: DtypeLike | None = None,
@@ -130,29 +216,7 @@ def compute_module_sizes(
     Returns a ``defaultdict(int)``: ``""`` holds the total, each module and tensor its own
     size. Tied parameters are counted once; non-persistent buffers are counted.
     """
-    buffers = iter_named_tensors(model, parameters=False)
-    tensors = buffers if buffers_only else itertools.chain(iter_named_tensors(model), buffers)
-    size_of = _tensor_sizer(dtype, special_dtypes)
-    sizes: defaultdict[str, Size] = defaultdict(int)
-    prefixes_of: dict[str, list[str]] = {}  # module path -> itself and its ancestors, root first
-    for name, tensor in tensors:
-        module_path = name.rpartition(".")[0]
-        prefixes = prefixes_of.get(module_path)
-        if prefixes is None:
-            prefixes = prefixes_of[module_path] = _name_prefixes(module_path)
-        size = size_of(name, tensor)
-        for prefix in prefixes:
-            sizes[prefix] += size
-        sizes[name] += size
-    return sizes
-
-
-def _name_prefixes(module_path: str) -> list[str]:
-    """``"a.b"`` -> ``["", "a", "a.b"]``."""
-    if not module_path:
-        return [""]
-    parts = module_path.split(".")
-    return [""] + [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return ModelScan(model).module_sizes(dtype, special_dtypes, buffers_only)
 
 
 def _tensor_sizer(dtype: DtypeLike | None, special_dtypes: Mapping[str, DtypeLike] | None):

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from bigmodel.tensors import iter_named_tensors
+from bigmodel.memory import ModelScan
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +28,13 @@ def find_tied_parameters(model: nn.Module, **kwargs: object) -> list[list[str]]:
     As in accelerate, groups are listed in the iteration order of a set of names (stable within
     a process, not across runs): compare them sorted.
     """
-    every_name = dict(iter_named_tensors(model, remove_duplicate=False))
-    canonical = dict(iter_named_tensors(model))
+    return tied_parameter_groups(ModelScan(model))
+
+
+def tied_parameter_groups(scan: ModelScan) -> list[list[str]]:
+    """`find_tied_parameters` for an already scanned model."""
+    every_name = dict(scan.every_parameter)
+    canonical = dict(scan.parameters)
     canonical_name_of = {id(parameter): name for name, parameter in canonical.items()}
     # The same set expression as accelerate, so that groups come in the same order.
     alias_names = set(every_name.keys()) - set(canonical.keys())
