@@ -110,16 +110,12 @@ def main() -> None:
 
     medians = median_of_alternating(plans, repeats=args.repeats)
     print(f"machine: {machine_description()}")
-    print(
-        f"model: {n_modules} modules, {len(ours)} device-map entries, devices {sorted(map(str, set(ours.values())))}"
-    )
-    print(
-        f"accelerate infer_auto_device_map: {medians['accelerate']:.3f} s (median of {args.repeats})"
-    )
-    print(
-        f"bigmodel   infer_auto_device_map: {medians['bigmodel']:.3f} s (median of {args.repeats})"
-    )
-    print(f"speed-up: {medians['accelerate'] / medians['bigmodel']:.1f}x (maps identical)")
+    devices = sorted(map(str, set(ours.values())))
+    print(f"model: {n_modules} modules, {len(ours)} device-map entries, devices {devices}")
+    for name in ("accelerate", "bigmodel"):
+        print(f"{name:>10} infer_auto_device_map: {medians[name]:.3f} s (median of {args.repeats})")
+    speedup = medians["accelerate"] / medians["bigmodel"]
+    print(f"speed-up: {speedup:.1f}x (maps identical)")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ class Store:
         max_resident: int | None = None,
         read_threads: int = 2,
         verify_reads: bool = False,
+        zero_copy: bool = True,
     ) -> Store: ...
     @staticmethod
     def mount_safetensors(
@@ -26,6 +27,7 @@ class Store:
         max_resident: int | None = None,
         read_threads: int = 2,
         verify_reads: bool = False,
+        zero_copy: bool = True,
     ) -> Store: ...
     @staticmethod
     def mount_offload_folder(
@@ -33,6 +35,7 @@ class Store:
         max_resident: int | None = None,
         read_threads: int = 2,
         verify_reads: bool = False,
+        zero_copy: bool = True,
     ) -> Store: ...
     @staticmethod
     def write_mount(path: str, files: list[str]) -> None: ...

@@ -27,7 +27,9 @@ Differences from accelerate (all listed in docs/compatibility.md):
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import heapq
 import logging
 import warnings
@@ -40,14 +42,14 @@ from torch import nn
 from bigmodel.memory import (
     DeviceKey,
     DtypeLike,
+    ModelScan,
     Size,
-    compute_module_sizes,
     compute_module_total_buffer_size,
     convert_file_size_to_int,
     get_max_memory,
     get_module_leaves,
 )
-from bigmodel.tied import check_tied_parameters_in_config, find_tied_parameters
+from bigmodel.tied import check_tied_parameters_in_config, tied_parameter_groups
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +80,19 @@ class _ModuleTree:
     different sizes: its tensors are counted under the first name only).
     """
 
-    def __init__(self, module_sizes: Mapping[str, Size], no_split: Iterable[str]) -> None:
+    def __init__(
+        self,
+        module_sizes: Mapping[str, Size],
+        no_split: Iterable[str],
+        scan: ModelScan | None = None,
+    ) -> None:
         self.sizes = module_sizes
         self._no_split = frozenset(no_split)
         self._children: dict[str, list[Entry]] = {}
         self._largest_layers: dict[str, tuple[Size, int]] = {}
+        if scan is not None:
+            self._children = scan.children
+            self._compute_largest_layers(scan.paths)
 
     def size(self, name: str) -> Size:
         return self.sizes.get(name, 0)
@@ -95,7 +105,7 @@ class _ModuleTree:
         second name and then raises IndexError on the tie between the two).
         """
         children = self._children.get(name)
-        if children is None:
+        if children is None:  # not scanned (public helpers): read it from the module
             prefix = f"{name}." if name else ""
             children = [
                 (prefix + child, sub) for child, sub in module._modules.items() if sub is not None
@@ -120,6 +130,22 @@ class _ModuleTree:
             for parameter, tensor in module.named_parameters(recurse=False, remove_duplicate=False)
         ]
         return parameters + self.children(name, module)
+
+    def _compute_largest_layers(self, paths: list[tuple[str, nn.Module]]) -> None:
+        """`largest_layers` of every module, children first (iterative: no deep recursion)."""
+        for name, module in reversed(paths):
+            children = self._children.get(name)
+            if not children or type(module).__name__ in self._no_split:
+                self._largest_layers[name] = (self.size(name), 1)
+                continue
+            size, count = self._largest_layers[children[0][0]]
+            for child, _ in children[1:]:
+                child_size, child_count = self._largest_layers[child]
+                if child_size > size:
+                    size, count = child_size, child_count
+                elif child_size == size:
+                    count += child_count
+            self._largest_layers[name] = (size, count)
 
     def largest_layers(self, name: str, module: nn.Module) -> tuple[Size, int]:
         """``(size, count)``: the size of the largest layers under the module, and how many
@@ -520,11 +546,12 @@ class _Planner:
         self._fallback_allocation = fallback_allocation
         self._verbose = verbose
 
-        self.tree = _ModuleTree(
-            compute_module_sizes(model, dtype=dtype, special_dtypes=special_dtypes),
-            _class_names(no_split_module_classes),
-        )
-        tied_parameters = find_tied_parameters(model)
+        scan = ModelScan(model, dtype, special_dtypes)
+        sizes = dict(scan.tensor_sizes())
+        sizes.update(scan.subtree_bytes())
+        self.tree = _ModuleTree(sizes, _class_names(no_split_module_classes), scan)
+        self._model_has_buffers = bool(scan.buffers)
+        tied_parameters = tied_parameter_groups(scan)
         if check_tied_parameters_in_config(model) and not tied_parameters:
             logger.warning(
                 "The model weights are not tied. Please use the `tie_weights` method before using "
@@ -702,7 +729,7 @@ class _Planner:
 
     def warn_about_offloaded_buffers(self) -> None:
         """Warns when the buffers of CPU/disk modules fit on no GPU next to its weights."""
-        if self._offload_buffers or not self.gpus:
+        if self._offload_buffers or not self.gpus or not self._model_has_buffers:
             return
         offloaded = sum(self._buffer_size(device) for device in _OFFLOADED)
         if offloaded <= 0:
@@ -760,6 +787,23 @@ def _class_names(classes: str | Iterable[str] | None) -> list[str]:
     return list(classes)
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pauses Python's cyclic garbage collector while planning.
+
+    Planning allocates a few small objects per module; with a large model in memory each
+    automatic collection walks all its objects, and they would then take about half of the
+    planning time on a 40k-module model. Planning creates no reference cycles to reclaim.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def infer_auto_device_map(
     model: nn.Module,
     max_memory: Mapping[DeviceKey, int | str] | None = None,
@@ -796,19 +840,20 @@ def infer_auto_device_map(
 
     Returns an OrderedDict ``{module or tensor name: device}`` in placement order.
     """
-    planner = _Planner(
-        model,
-        max_memory,
-        no_split_module_classes,
-        dtype,
-        special_dtypes,
-        offload_buffers,
-        fallback_allocation,
-        verbose,
-    )
-    device_map = planner.run()
-    if clean_result:
-        device_map = clean_device_map(device_map)
+    with _collector_paused():
+        planner = _Planner(
+            model,
+            max_memory,
+            no_split_module_classes,
+            dtype,
+            special_dtypes,
+            offload_buffers,
+            fallback_allocation,
+            verbose,
+        )
+        device_map = planner.run()
+        if clean_result:
+            device_map = clean_device_map(device_map)
     planner.warn_about_offloaded_buffers()
     planner.report_unused_devices()
     return device_map

@@ -112,62 +112,137 @@ def as_torch_dtype(dtype: DtypeLike) -> torch.dtype:
 
 
 class ModelScan:
-    """The modules and tensors of a model, collected in one walk.
+    """The modules, tensors and sizes of a model, collected in one walk.
 
-    Planning needs the same listings several times (sizes, tied parameters, the module tree);
-    on models with tens of thousands of modules each torch walk costs tens of milliseconds, so
-    they are all taken from one ``named_modules(remove_duplicate=False)`` walk, reading
-    ``_parameters`` and ``_buffers`` like torch's own listings do.
+    Planning needs several listings of a model (sizes, tied parameters, the module tree). On
+    models with tens of thousands of modules each torch listing costs tens of milliseconds, so
+    one walk over ``_modules``, ``_parameters`` and ``_buffers`` (what torch's listings read)
+    collects them all, with torch's names, order and duplicate rules, and sizes every tensor
+    with the dtype rules of `compute_module_sizes`.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        # Every module under every name (a shared module appears once per name).
-        self.paths: list[tuple[str, nn.Module]] = []
-        # Same as named_modules(): first names only, the subtrees of repeated modules skipped.
-        self.modules: list[tuple[str, nn.Module]] = []
-        # Same as named_parameters(remove_duplicate=False), named_parameters(), named_buffers().
-        self.every_parameter: list[tuple[str, torch.Tensor]] = []
-        self.parameters: list[tuple[str, torch.Tensor]] = []
-        self.buffers: list[tuple[str, torch.Tensor]] = []
-        seen_modules: set[nn.Module] = set()
-        seen_tensors: set[torch.Tensor] = set()
-        for path, module in model.named_modules(remove_duplicate=False):
-            self.paths.append((path, module))
-            # A module met again is skipped by named_modules() with its whole subtree: all
-            # modules below it were met (under its first name) before, too.
-            first_visit = module not in seen_modules
-            if first_visit:
-                seen_modules.add(module)
-                self.modules.append((path, module))
-            prefix = f"{path}." if path else ""
-            for name, parameter in module._parameters.items():
-                if parameter is None:
-                    continue
-                self.every_parameter.append((prefix + name, parameter))
-                if first_visit and parameter not in seen_tensors:
-                    seen_tensors.add(parameter)
-                    self.parameters.append((prefix + name, parameter))
-            if first_visit:
-                for name, buffer in module._buffers.items():
-                    if buffer is not None and buffer not in seen_tensors:
-                        seen_tensors.add(buffer)
-                        self.buffers.append((prefix + name, buffer))
-
-    def module_sizes(
+    def __init__(
         self,
+        model: nn.Module,
         dtype: DtypeLike | None = None,
         special_dtypes: Mapping[str, DtypeLike] | None = None,
-        buffers_only: bool = False,
-    ) -> defaultdict[str, Size]:
+    ) -> None:
+        self._sizer = _TensorSizer(dtype, special_dtypes)
+        # named_modules(remove_duplicate=False): a shared module appears once per name.
+        self.paths: list[tuple[str, nn.Module]] = []
+        # Children of each module path that has some (a child registered twice, twice).
+        self.children: dict[str, list[tuple[str, nn.Module]]] = {}
+        # named_modules(), named_parameters(), named_buffers(): first names only.
+        self.modules: list[tuple[str, nn.Module]] = []
+        self.parameters: list[tuple[str, torch.Tensor]] = []
+        self.buffers: list[tuple[str, torch.Tensor]] = []
+        # named_parameters(remove_duplicate=False): every name of every parameter.
+        self.every_parameter: list[tuple[str, torch.Tensor]] = []
+        # Bytes of each listed tensor (same order as the listings), and of the tensors
+        # each module holds directly.
+        self.parameter_sizes: list[Size] = []
+        self.buffer_sizes: list[Size] = []
+        self._own_parameter_bytes: dict[str, Size] = {}
+        self._own_buffer_bytes: dict[str, Size] = {}
+        self._walk(model)
+
+    @property
+    def has_aliases(self) -> bool:
+        """Whether some module or parameter is reachable under two names."""
+        more_paths = len(self.paths) > len(self.modules)
+        return more_paths or len(self.every_parameter) > len(self.parameters)
+
+    def _walk(self, model: nn.Module) -> None:
+        seen_modules: set[int] = set()
+        seen_tensors: set[int] = set()
+        stack = [("", model)]
+        while stack:
+            path, module = stack.pop()
+            self.paths.append((path, module))
+            attributes = module.__dict__  # one attribute lookup instead of three
+            prefix = f"{path}." if path else ""
+            children = attributes["_modules"]
+            if children:
+                listed = [(prefix + n, child) for n, child in children.items() if child is not None]
+                self.children[path] = listed
+                stack.extend(reversed(listed))
+            # named_modules() skips a module met before, with its whole subtree (the modules
+            # below it were all met before too, under their first names); so do the listings.
+            first_visit = id(module) not in seen_modules
+            if first_visit:
+                seen_modules.add(id(module))
+                self.modules.append((path, module))
+            parameters = attributes["_parameters"]
+            if parameters:
+                for name, tensor in parameters.items():
+                    if tensor is not None:
+                        self.every_parameter.append((prefix + name, tensor))
+                if first_visit:
+                    self._list_new(path, prefix, parameters, seen_tensors, buffers=False)
+            if first_visit and attributes["_buffers"]:
+                self._list_new(path, prefix, attributes["_buffers"], seen_tensors, buffers=True)
+
+    def _list_new(
+        self,
+        path: str,
+        prefix: str,
+        tensors: dict[str, torch.Tensor | None],
+        seen: set[int],
+        buffers: bool,
+    ) -> None:
+        """Lists and sizes the tensors of a module that were not met under another name."""
+        listing, sizes = (
+            (self.buffers, self.buffer_sizes)
+            if buffers
+            else (self.parameters, self.parameter_sizes)
+        )
+        own_bytes = self._own_buffer_bytes if buffers else self._own_parameter_bytes
+        size_of = self._sizer.size_of
+        for name, tensor in tensors.items():
+            if tensor is None or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            full_name = prefix + name
+            size = size_of(full_name, tensor)
+            listing.append((full_name, tensor))
+            sizes.append(size)
+            own_bytes[path] = own_bytes.get(path, 0) + size
+
+    def subtree_bytes(self, buffers_only: bool = False) -> dict[str, Size]:
+        """Bytes under each module path (first names), its own tensors and all below.
+
+        Sums are exact whatever their order: sizes are multiples of 1/8 byte.
+        """
+        totals = dict(self._own_buffer_bytes)
+        if not buffers_only:
+            for path, size in self._own_parameter_bytes.items():
+                totals[path] = totals.get(path, 0) + size
+        for path, _ in reversed(self.modules):  # children before their parent
+            if path and path in totals:
+                parent = path.rpartition(".")[0]
+                totals[parent] = totals.get(parent, 0) + totals[path]
+        return totals
+
+    def tensor_sizes(self, buffers_only: bool = False) -> list[tuple[str, Size]]:
+        """``(name, bytes)`` of the parameters then buffers (or buffers only), listing order."""
+        named_buffers = [
+            (name, size) for (name, _), size in zip(self.buffers, self.buffer_sizes, strict=True)
+        ]
+        if buffers_only:
+            return named_buffers
+        named_parameters = [
+            (name, size)
+            for (name, _), size in zip(self.parameters, self.parameter_sizes, strict=True)
+        ]
+        return named_parameters + named_buffers
+
+    def module_sizes(self, buffers_only: bool = False) -> defaultdict[str, Size]:
         """`compute_module_sizes` for the scanned model (same values, same key order)."""
-        tensors = self.buffers if buffers_only else self.parameters + self.buffers
-        size_of = _tensor_sizer(dtype, special_dtypes)
-        tensor_sizes = [size_of(name, tensor) for name, tensor in tensors]
-        totals = self._subtree_totals(tensors, tensor_sizes)
+        totals = self.subtree_bytes(buffers_only)
         # accelerate lists, for each tensor in order, its not yet listed parents (outermost
         # first) then the tensor. A listed parent has all its own parents listed already.
         sizes: defaultdict[str, Size] = defaultdict(int)
-        for (name, _), size in zip(tensors, tensor_sizes, strict=True):
+        for name, size in self.tensor_sizes(buffers_only):
             unlisted = []
             parent = name.rpartition(".")[0]
             while parent not in sizes:
@@ -179,23 +254,6 @@ class ModelScan:
                 sizes[parent] = totals[parent]
             sizes[name] = size
         return sizes
-
-    def _subtree_totals(
-        self, tensors: list[tuple[str, torch.Tensor]], tensor_sizes: list[Size]
-    ) -> dict[str, Size]:
-        """Bytes under each module path that holds tensors (directly or below).
-
-        Sums are exact whatever their order: sizes are multiples of 1/8 byte.
-        """
-        totals: dict[str, Size] = {}
-        for (name, _), size in zip(tensors, tensor_sizes, strict=True):
-            owner = name.rpartition(".")[0]
-            totals[owner] = totals.get(owner, 0) + size
-        for path, _ in reversed(self.modules):  # children before their parent
-            if path and path in totals:
-                parent = path.rpartition(".")[0]
-                totals[parent] = totals.get(parent, 0) + totals[path]
-        return totals
 
 
 def compute_module_sizes(
@@ -216,30 +274,35 @@ def compute_module_sizes(
     Returns a ``defaultdict(int)``: ``""`` holds the total, each module and tensor its own
     size. Tied parameters are counted once; non-persistent buffers are counted.
     """
-    return ModelScan(model).module_sizes(dtype, special_dtypes, buffers_only)
+    return ModelScan(model, dtype, special_dtypes).module_sizes(buffers_only)
 
 
-def _tensor_sizer(dtype: DtypeLike | None, special_dtypes: Mapping[str, DtypeLike] | None):
-    """Returns ``size_of(name, tensor)`` applying the dtype rules of `compute_module_sizes`."""
-    target_size = None if dtype is None else dtype_byte_size(as_torch_dtype(dtype))
-    special_sizes = {
-        name: dtype_byte_size(as_torch_dtype(special))
-        for name, special in (special_dtypes or {}).items()
-    }
+class _TensorSizer:
+    """Bytes of a tensor once loaded with ``dtype`` / ``special_dtypes`` (see
+    `compute_module_sizes`)."""
 
-    own_sizes: dict[torch.dtype, Size] = {}  # dtype_byte_size parses the name: do it once
+    def __init__(self, dtype: DtypeLike | None, special_dtypes: Mapping[str, DtypeLike] | None):
+        self._target_size = None if dtype is None else dtype_byte_size(as_torch_dtype(dtype))
+        self._special_sizes = {
+            name: dtype_byte_size(as_torch_dtype(special))
+            for name, special in (special_dtypes or {}).items()
+        }
+        # Bytes per element of each dtype met (after applying the target dtype).
+        self._element_sizes: dict[torch.dtype, Size] = {}
 
-    def size_of(name: str, tensor: torch.Tensor) -> Size:
-        if name in special_sizes:
-            return tensor.numel() * special_sizes[name]
-        own_size = own_sizes.get(tensor.dtype)
-        if own_size is None:
-            own_size = own_sizes[tensor.dtype] = dtype_byte_size(tensor.dtype)
-        if target_size is None or keeps_own_dtype(tensor.dtype):
-            return tensor.numel() * own_size
-        return tensor.numel() * min(target_size, own_size)
+    def size_of(self, name: str, tensor: torch.Tensor) -> Size:
+        if self._special_sizes and name in self._special_sizes:
+            return tensor.numel() * self._special_sizes[name]
+        per_element = self._element_sizes.get(tensor.dtype)
+        if per_element is None:
+            per_element = self._element_sizes[tensor.dtype] = self._element_size(tensor.dtype)
+        return tensor.numel() * per_element
 
-    return size_of
+    def _element_size(self, dtype: torch.dtype) -> Size:
+        own_size = dtype_byte_size(dtype)
+        if self._target_size is None or keeps_own_dtype(dtype):
+            return own_size  # integer/bool tensors are never cast
+        return min(self._target_size, own_size)  # a target dtype never makes a tensor bigger
 
 
 def compute_module_total_buffer_size(

@@ -80,14 +80,27 @@ class TensorStore(Mapping[str, torch.Tensor]):
         max_resident: int | str | None = None,
         read_threads: int = 2,
         verify_reads: bool = False,
+        zero_copy: bool = True,
     ) -> TensorStore:
         """Opens the store committed in directory ``path``, validating its whole index first.
 
         ``max_resident`` bounds the bytes kept in RAM (an int or a size string like "512MB");
         ``verify_reads`` checks every tensor's checksum when it is read.
+
+        ``zero_copy=True`` serves uncompressed tensors as views of a private mapping of the
+        files (no copy). ``zero_copy=False`` reads every tensor into memory of its own (an
+        aligned buffer filled by large reads, recycled when the budget forces evictions):
+        use it to modify weights in place, or so that a file truncated while the store is
+        open fails a read with an error instead of crashing the process (SIGBUS) when a view
+        is touched. Either way in-place changes never reach the files; they last until the
+        tensor is evicted from the cache.
         """
         core = _core.Store.open(
-            os.fspath(path), _byte_budget(max_resident), read_threads, verify_reads
+            os.fspath(path),
+            _byte_budget(max_resident),
+            read_threads,
+            verify_reads,
+            zero_copy=zero_copy,
         )
         return cls(core, os.fspath(path))
 
@@ -99,23 +112,28 @@ class TensorStore(Mapping[str, torch.Tensor]):
         max_resident: int | str | None = None,
         read_threads: int = 2,
         verify_reads: bool = False,
+        zero_copy: bool = True,
     ) -> TensorStore:
-        """Serves existing files in place, copying and writing nothing.
+        """Serves existing files in place, writing nothing.
 
         ``files`` is a list of safetensors files, or the path of an accelerate offload folder
-        (``index.json`` plus one ``.dat`` file per tensor).
+        (``index.json`` plus one ``.dat`` file per tensor). The options are those of
+        :meth:`open`; with ``zero_copy=False`` tensors are read into memory of their own.
         """
         budget = _byte_budget(max_resident)
+        options = {"zero_copy": zero_copy}
         if isinstance(files, str | os.PathLike) and Path(files).is_dir():
             folder = os.fspath(files)
-            core = _core.Store.mount_offload_folder(folder, budget, read_threads, verify_reads)
+            core = _core.Store.mount_offload_folder(
+                folder, budget, read_threads, verify_reads, **options
+            )
             return cls(core, folder)
         paths = (
             [os.fspath(files)]
             if isinstance(files, str | os.PathLike)
             else list(map(os.fspath, files))
         )
-        core = _core.Store.mount_safetensors(paths, budget, read_threads, verify_reads)
+        core = _core.Store.mount_safetensors(paths, budget, read_threads, verify_reads, **options)
         return cls(core, ", ".join(paths))
 
     def __getitem__(self, name: str) -> torch.Tensor:

@@ -33,14 +33,20 @@ def find_tied_parameters(model: nn.Module, **kwargs: object) -> list[list[str]]:
 
 def tied_parameter_groups(scan: ModelScan) -> list[list[str]]:
     """`find_tied_parameters` for an already scanned model."""
-    every_name = dict(scan.every_parameter)
-    canonical = dict(scan.parameters)
-    canonical_name_of = {id(parameter): name for name, parameter in canonical.items()}
-    # The same set expression as accelerate, so that groups come in the same order.
-    alias_names = set(every_name.keys()) - set(canonical.keys())
+    if not scan.has_aliases:
+        return []
+    every_name = [name for name, _ in scan.every_parameter]
+    canonical = [name for name, _ in scan.parameters]
+    # The same sets as accelerate (built from the names in the same order), so that the set
+    # difference, hence the groups, come in the same order.
+    alias_names = set(every_name) - set(canonical)
+    parameter_of = {
+        name: parameter for name, parameter in scan.every_parameter if name in alias_names
+    }
+    canonical_name_of = {id(parameter): name for name, parameter in scan.parameters}
     aliases_of: dict[str, list[str]] = {}
     for alias in alias_names:
-        first_name = canonical_name_of[id(every_name[alias])]
+        first_name = canonical_name_of[id(parameter_of[alias])]
         aliases_of.setdefault(first_name, []).append(alias)
     return [sorted([first_name, *aliases]) for first_name, aliases in aliases_of.items()]
 

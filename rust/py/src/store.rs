@@ -21,42 +21,51 @@ pub struct Store {
     root: PathBuf,
 }
 
-fn options(max_resident: Option<u64>, read_threads: usize, verify_reads: bool) -> StoreOptions {
+fn options(
+    max_resident: Option<u64>,
+    read_threads: usize,
+    verify_reads: bool,
+    zero_copy: bool,
+) -> StoreOptions {
     StoreOptions {
         max_resident,
         read_threads,
         verify_reads,
+        zero_copy,
     }
 }
 
 #[pymethods]
 impl Store {
     /// Opens the committed store in directory `path` (validating every index entry).
+    /// `zero_copy=False` reads every tensor into an owned buffer instead of mapping it.
     #[staticmethod]
-    #[pyo3(signature = (path, max_resident=None, read_threads=2, verify_reads=false))]
+    #[pyo3(signature = (path, max_resident=None, read_threads=2, verify_reads=false, zero_copy=true))]
     fn open(
         py: Python<'_>,
         path: PathBuf,
         max_resident: Option<u64>,
         read_threads: usize,
         verify_reads: bool,
+        zero_copy: bool,
     ) -> PyResult<Store> {
-        let opts = options(max_resident, read_threads, verify_reads);
+        let opts = options(max_resident, read_threads, verify_reads, zero_copy);
         let inner = py.detach(|| CoreStore::open(&path, opts)).py_err()?;
         Ok(Store { inner, root: path })
     }
 
     /// Serves existing safetensors files in place (nothing is copied or written).
     #[staticmethod]
-    #[pyo3(signature = (files, max_resident=None, read_threads=2, verify_reads=false))]
+    #[pyo3(signature = (files, max_resident=None, read_threads=2, verify_reads=false, zero_copy=true))]
     fn mount_safetensors(
         py: Python<'_>,
         files: Vec<PathBuf>,
         max_resident: Option<u64>,
         read_threads: usize,
         verify_reads: bool,
+        zero_copy: bool,
     ) -> PyResult<Store> {
-        let opts = options(max_resident, read_threads, verify_reads);
+        let opts = options(max_resident, read_threads, verify_reads, zero_copy);
         let root = files.first().and_then(|f| f.parent()).map(PathBuf::from).unwrap_or_default();
         let inner = py
             .detach(|| {
@@ -69,15 +78,16 @@ impl Store {
 
     /// Serves an accelerate offload folder (`index.json` + `.dat` files) in place.
     #[staticmethod]
-    #[pyo3(signature = (folder, max_resident=None, read_threads=2, verify_reads=false))]
+    #[pyo3(signature = (folder, max_resident=None, read_threads=2, verify_reads=false, zero_copy=true))]
     fn mount_offload_folder(
         py: Python<'_>,
         folder: PathBuf,
         max_resident: Option<u64>,
         read_threads: usize,
         verify_reads: bool,
+        zero_copy: bool,
     ) -> PyResult<Store> {
-        let opts = options(max_resident, read_threads, verify_reads);
+        let opts = options(max_resident, read_threads, verify_reads, zero_copy);
         let inner = py
             .detach(|| {
                 let index = mount::mount_offload_folder(&folder)?;
@@ -141,6 +151,7 @@ impl Store {
             ("prefetch_dropped", s.prefetch_dropped),
             ("bytes_read", s.bytes_read),
             ("evictions", s.evictions),
+            ("buffers_reused", s.buffers_reused),
             ("resident_bytes", s.resident_bytes),
             ("peak_resident_bytes", s.peak_resident_bytes),
             ("pinned_bytes", s.pinned_bytes),

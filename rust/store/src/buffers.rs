@@ -15,6 +15,9 @@ use std::ptr::NonNull;
 pub(crate) const BUFFER_ALIGN: usize = 64;
 /// Below this size a buffer comes from the heap; from it on, from its own mapping.
 const MAPPED_MIN: usize = 64 << 10;
+/// From this capacity on, the cache recycles evicted buffers: a mapping's pages each cost a
+/// fault to bring in, while the heap recycles small buffers by itself.
+pub(crate) const RECYCLE_MIN: usize = MAPPED_MIN;
 const PAGE: usize = 4096;
 const HUGE_PAGE: usize = 2 << 20;
 

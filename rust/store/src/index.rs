@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -156,18 +156,11 @@ impl Index {
     pub fn read(store_dir: &Path) -> Result<Index> {
         check_store_dir(store_dir)?;
         let index_path = store_dir.join(INDEX_FILE);
-        let bytes = match fs::read(&index_path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        let bytes = match read_index_file(&index_path, "an index file") {
+            Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                 return Err(missing_index(store_dir, index_path))
             }
-            Err(_) if index_path.is_dir() => {
-                return Err(StoreError::format(
-                    index_path,
-                    "is a directory, not an index file",
-                ))
-            }
-            Err(e) => return Err(StoreError::io(index_path, e)),
+            read => read?,
         };
         let index = Index::parse(&bytes, &index_path)?;
         index.validate(store_dir)?;
@@ -254,14 +247,14 @@ fn check_format_and_version(doc: &Value, source: &Path) -> Result<()> {
             format!("not a bigmodel store index: format is {format:?}, expected {FORMAT_NAME:?}"),
         ));
     }
-    match doc.get("version").and_then(Value::as_u64) {
-        Some(v) if v == u64::from(FORMAT_VERSION) => Ok(()),
+    match doc.get("version") {
+        Some(v) if v.as_u64() == Some(u64::from(FORMAT_VERSION)) => Ok(()),
         version => Err(StoreError::format(
             source,
             format!(
                 "index version {} is not supported: this build reads version {FORMAT_VERSION} \
                  (was the store written by a newer bigmodel?)",
-                version.map_or_else(|| "(missing)".to_owned(), |v| v.to_string())
+                version.map_or_else(|| "(missing)".to_owned(), Value::to_string)
             ),
         )),
     }
@@ -308,6 +301,27 @@ fn missing_index(store_dir: &Path, index_path: PathBuf) -> StoreError {
         ),
         Err(e) => e,
     }
+}
+
+/// No index is anywhere near this large (about 200 bytes per tensor); a larger "index" is
+/// refused before it is read, so a wrong file never makes us allocate its size.
+pub const MAX_INDEX_LEN: u64 = 1 << 30;
+
+/// The bytes of an index document (ours, or an offload folder's `index.json`): a regular
+/// file (a FIFO in its place would block the reader forever) of at most [`MAX_INDEX_LEN`].
+pub fn read_index_file(path: &Path, what: &str) -> Result<Vec<u8>> {
+    let file = layout::open_regular(path, what)?;
+    let len = file.metadata().map_err(|e| StoreError::io(path, e))?.len();
+    if len > MAX_INDEX_LEN {
+        let detail = format!("{len} bytes is too large for {what} (the limit is {MAX_INDEX_LEN})");
+        return Err(StoreError::format(path, detail));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    // A file that grows while it is read is cut at the limit (and then fails to parse).
+    file.take(MAX_INDEX_LEN)
+        .read_to_end(&mut bytes)
+        .map_err(|e| StoreError::io(path, e))?;
+    Ok(bytes)
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -510,9 +524,14 @@ mod checksum_hex {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
         let text: Option<String> = Option::deserialize(d)?;
         text.map(|t| {
-            u64::from_str_radix(&t, 16).map_err(|_| {
-                serde::de::Error::custom(format!("checksum {t:?} is not 16 hex digits"))
-            })
+            // Exactly what `serialize` writes: `from_str_radix` alone would also take "+1f".
+            let sixteen_hex = t.len() == 16 && t.bytes().all(|b| b.is_ascii_hexdigit());
+            sixteen_hex
+                .then(|| u64::from_str_radix(&t, 16).ok())
+                .flatten()
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!("checksum {t:?} is not 16 hex digits"))
+                })
         })
         .transpose()
     }

@@ -180,9 +180,11 @@ fn remove_quietly(dir: &Path, name: &str) {
 /// (then no committed data file may go).
 fn referenced_files(dir: &Path) -> Option<HashSet<String>> {
     let path = dir.join(INDEX_FILE);
-    let bytes = match fs::read(&path) {
+    let bytes = match crate::index::read_index_file(&path, "an index file") {
         Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Some(HashSet::new()),
+        Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            return Some(HashSet::new())
+        }
         Err(_) => return None,
     };
     let index = Index::parse(&bytes, &path).ok()?;
@@ -208,7 +210,12 @@ struct DeadWriterLock {
 /// `Some` when the writer of `gen` is dead: no lock file, or a lock nobody holds.
 fn probe_dead_writer(dir: &Path, gen: &str) -> Option<DeadWriterLock> {
     let name = format!("{TEMP_PREFIX}{gen}{LOCK_SUFFIX}");
-    match File::open(dir.join(&name)) {
+    // Non-blocking: a FIFO under a lock's name must not hang the writer cleaning up.
+    let opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(dir.join(&name));
+    match opened {
         Ok(file) => try_flock(&file).then_some(DeadWriterLock {
             name,
             _file: Some(file),
@@ -264,6 +271,28 @@ impl Drop for WriterLock {
         // Removed while still held, so no cleaner sees a stale unlocked file of a live gen.
         let _ = fs::remove_file(&self.path);
     }
+}
+
+/// Opens `path` for reading, refusing anything but a regular file (`Format`, naming `what`
+/// the file should have been). The open is non-blocking so that a FIFO or a device put in
+/// the file's place fails here instead of blocking forever in `open` or `read`; the flag
+/// changes nothing for a regular file.
+pub fn open_regular(path: &Path, what: &str) -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| StoreError::io(path, e))?;
+    let meta = file.metadata().map_err(|e| StoreError::io(path, e))?;
+    if meta.is_file() {
+        return Ok(file);
+    }
+    let kind = if meta.is_dir() {
+        "a directory"
+    } else {
+        "a FIFO, socket or device"
+    };
+    Err(StoreError::format(path, format!("is {kind}, not {what}")))
 }
 
 /// Flushes `dir`'s entries (the renames done in it) to disk.

@@ -9,6 +9,9 @@
 //! What remains possible: a file truncated *while* a view of it is in use (after the check)
 //! still makes the next touch of a vanished page raise SIGBUS; no mapping can prevent that.
 //! A mounted file rewritten in place without changing size or mtime is not detected either.
+//! A store opened with `zero_copy` off never touches its mappings: every tensor (zstd frames
+//! included) is read with `pread` into an owned buffer, so a file truncated under it is an
+//! error (`Corrupt`), never a signal.
 
 use std::fs::File;
 use std::io;
@@ -73,7 +76,9 @@ pub(crate) struct FileMap {
 
 impl FileMap {
     fn open(path: &Path, record: &FileRecord, tensor: &str) -> Result<FileMap> {
-        let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+        // Non-blocking, regular files only: a FIFO put in a file's place must not hang us.
+        let file = layout::open_regular(path, "a store data file")?;
+        let record = &read_baseline(&file, path, record)?;
         check_metadata(&file, path, record, tensor)?;
         let len = usize::try_from(record.size)
             .map_err(|_| StoreError::format(path, "file too large for this platform"))?;
@@ -93,8 +98,9 @@ impl FileMap {
         &self.path
     }
 
-    /// Fails with `Corrupt` when the file's size, or a mounted file's mtime, differs from the
-    /// index: its bytes are no longer the ones the index describes.
+    /// Fails with `Corrupt` when the file's size differs from the index, or its mtime from
+    /// the one recorded at mount (or seen at open): its bytes may no longer be the ones the
+    /// index describes.
     pub fn check_unchanged(&self, tensor: &str) -> Result<()> {
         check_metadata(&self.file, &self.path, &self.record, tensor)
     }
@@ -212,24 +218,49 @@ impl Loaded {
             map.release_pages(*offset, *len);
         }
     }
+
+    /// An owned buffer's capacity (`None` for a view): what a recycled buffer must match.
+    pub fn buffer_capacity(&self) -> Option<usize> {
+        match self {
+            Loaded::View { .. } => None,
+            Loaded::Owned(buf) => Some(buf.capacity()),
+        }
+    }
 }
 
-/// True when the tensor is served as a view of its file: uncompressed and at an offset
+/// True when the tensor can be served as a view of its file: uncompressed and at an offset
 /// aligned to its dtype (mapping bases are page-aligned, so the address is aligned too).
 pub(crate) fn is_view(entry: &Entry) -> bool {
     entry.codec == Codec::None && entry.offset % entry.dtype.size() == 0
 }
 
+/// How a store brings tensors into memory (from its options).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReadMode {
+    /// Serve the tensors that can be views (see [`is_view`]) as views of the mapping; when
+    /// false, every tensor is read into an owned buffer and no mapping is ever touched.
+    pub zero_copy: bool,
+    /// Check every tensor's checksum when it is read.
+    pub verify: bool,
+}
+
+impl ReadMode {
+    /// Whether `entry` is served as a view of its file's mapping.
+    pub fn serves_view(self, entry: &Entry) -> bool {
+        self.zero_copy && is_view(entry)
+    }
+}
+
 /// Brings `entry`'s bytes into memory: populates a view, or fills an owned buffer (`reuse`
-/// when the cache has a fitting one, else a new one). With `verify`, checks the checksum.
+/// when the cache has a fitting one, else a new one). With `mode.verify`, checks the checksum.
 pub(crate) fn load(
     map: &Arc<FileMap>,
     entry: &Entry,
     reuse: Option<AlignedBuf>,
-    verify: bool,
+    mode: ReadMode,
 ) -> Result<Loaded> {
     map.check_unchanged(&entry.name)?;
-    let loaded = if is_view(entry) {
+    let loaded = if mode.serves_view(entry) {
         map.populate(entry.offset, entry.length, &entry.name)?;
         let (offset, len) = (entry.offset, entry.length);
         Loaded::View {
@@ -238,38 +269,85 @@ pub(crate) fn load(
             len,
         }
     } else {
-        Loaded::Owned(load_owned(map, entry, reuse)?)
+        Loaded::Owned(load_owned(map, entry, reuse, mode.zero_copy)?)
     };
-    if verify {
+    if mode.verify {
         let raw = map_slice(&loaded);
         verify_checksum(entry, raw, map.path())?;
     }
     Ok(loaded)
 }
 
-fn load_owned(map: &FileMap, entry: &Entry, reuse: Option<AlignedBuf>) -> Result<AlignedBuf> {
+/// Fills an owned buffer. Uncompressed bytes go from the file into the buffer with one
+/// `pread` (no intermediate copy; a recycled buffer's pages are already faulted in). A zstd
+/// frame is decoded from the mapping when `mapped`, else from a copy read with `pread`.
+fn load_owned(
+    map: &FileMap,
+    entry: &Entry,
+    reuse: Option<AlignedBuf>,
+    mapped: bool,
+) -> Result<AlignedBuf> {
     let raw_len = usize::try_from(entry.raw_length)
         .map_err(|_| StoreError::format(map.path(), "tensor too large for this platform"))?;
+    let frame = match entry.codec {
+        Codec::None => None,
+        Codec::Zstd => Some(fetch_frame(map, entry, mapped)?),
+    };
+    if let Some(frame) = &frame {
+        // Before the buffer exists: a frame announcing another size than the index is corrupt.
+        codec::check_frame_header(frame.bytes(), entry.raw_length, map.path(), &entry.name)?;
+    }
     let mut buf = match reuse {
         Some(buf) => buf.reuse_for(raw_len),
-        None => AlignedBuf::new(raw_len).map_err(|e| StoreError::io(map.path(), e))?,
+        None => AlignedBuf::new(raw_len).map_err(|e| {
+            let detail = format!("tensor {:?} ({raw_len} bytes): {e}", entry.name);
+            StoreError::io(map.path(), io::Error::new(e.kind(), detail))
+        })?,
     };
-    match entry.codec {
-        Codec::None => {
+    match frame {
+        None => {
             map.bytes(entry.offset, entry.raw_length, &entry.name)?;
             map.read_into(entry.offset, buf.as_mut_slice(), &entry.name)?;
         }
-        Codec::Zstd => {
-            map.populate(entry.offset, entry.length, &entry.name)?;
-            let frame = map.bytes(entry.offset, entry.length, &entry.name)?;
+        Some(frame) => {
             let decoded =
-                codec::decompress_into(frame, buf.as_mut_slice(), map.path(), &entry.name);
-            // The frame is not needed once decoded: keep only the tensor resident.
-            map.release_pages(entry.offset, entry.length);
+                codec::decompress_into(frame.bytes(), buf.as_mut_slice(), map.path(), &entry.name);
+            if let Frame::Mapped(_) = frame {
+                // The frame is not needed once decoded: keep only the tensor resident.
+                map.release_pages(entry.offset, entry.length);
+            }
             decoded?;
         }
     }
     Ok(buf)
+}
+
+/// A zstd frame: populated pages of the mapping, or a copy read with `pread`.
+enum Frame<'m> {
+    Mapped(&'m [u8]),
+    Read(Vec<u8>),
+}
+
+impl Frame<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Frame::Mapped(bytes) => bytes,
+            Frame::Read(copy) => copy,
+        }
+    }
+}
+
+fn fetch_frame<'m>(map: &'m FileMap, entry: &Entry, mapped: bool) -> Result<Frame<'m>> {
+    let stored = map.bytes(entry.offset, entry.length, &entry.name)?;
+    if mapped {
+        map.populate(entry.offset, entry.length, &entry.name)?;
+        return Ok(Frame::Mapped(stored));
+    }
+    // Taking the slice above touched no page; reading the file (not the mapping) keeps a
+    // file truncated under us an error instead of a SIGBUS.
+    let mut copy = vec![0u8; stored.len()];
+    map.read_into(entry.offset, &mut copy, &entry.name)?;
+    Ok(Frame::Read(copy))
 }
 
 fn map_slice(loaded: &Loaded) -> &[u8] {
@@ -427,6 +505,18 @@ fn page_size() -> usize {
     *PAGE.get_or_init(|| unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize)
 }
 
+/// The record reads are checked against. A mounted file keeps its recorded mtime; a file
+/// the store wrote records none, so the mtime seen at open becomes its baseline and a
+/// rewrite in place that keeps the size is noticed too.
+fn read_baseline(file: &File, path: &Path, record: &FileRecord) -> Result<FileRecord> {
+    let mut baseline = record.clone();
+    if !record.mounted {
+        let meta = file.metadata().map_err(|e| StoreError::io(path, e))?;
+        baseline.mtime_ns = Some(layout::mtime_ns(&meta));
+    }
+    Ok(baseline)
+}
+
 fn check_metadata(file: &File, path: &Path, record: &FileRecord, tensor: &str) -> Result<()> {
     let meta = file.metadata().map_err(|e| StoreError::io(path, e))?;
     if meta.len() != record.size {
@@ -438,8 +528,11 @@ fn check_metadata(file: &File, path: &Path, record: &FileRecord, tensor: &str) -
         return Err(StoreError::corrupt(path, tensor, detail));
     }
     match record.mtime_ns {
-        Some(recorded) if record.mounted && layout::mtime_ns(&meta) != recorded => {
-            let detail = "the mounted file was modified after it was mounted (its mtime changed)";
+        Some(recorded) if layout::mtime_ns(&meta) != recorded => {
+            let detail = match record.mounted {
+                true => "the mounted file was modified after it was mounted (its mtime changed)",
+                false => "the file was modified after the store was opened (its mtime changed)",
+            };
             Err(StoreError::corrupt(path, tensor, detail))
         }
         _ => Ok(()),

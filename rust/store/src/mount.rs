@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 use crate::dtype::{byte_size, DType};
 use crate::error::{Result, StoreError};
-use crate::index::{Codec, Entry, FileRecord, Index};
+use crate::index::{self, Codec, Entry, FileRecord, Index};
 use crate::layout::{self, WriterLock};
 use crate::safetensors::{self, Header};
 
@@ -80,7 +80,7 @@ struct SafetensorsRef {
 pub fn mount_offload_folder(dir: &Path) -> Result<Index> {
     let dir = fs::canonicalize(dir).map_err(|e| StoreError::io(dir, e))?;
     let index_path = dir.join(OFFLOAD_INDEX_FILE);
-    let bytes = fs::read(&index_path).map_err(|e| StoreError::io(&index_path, e))?;
+    let bytes = index::read_index_file(&index_path, "an offload index")?;
     let doc: Map<String, Value> = serde_json::from_slice(&bytes).map_err(|e| {
         StoreError::format(&index_path, format!("not a JSON object of tensors: {e}"))
     })?;

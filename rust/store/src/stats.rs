@@ -21,7 +21,10 @@ pub struct Stats {
     pub bytes_read: u64,
     /// Entries evicted to stay within the budget.
     pub evictions: u64,
-    /// Bytes held by the cache now: loaded tensors, reads in flight, recycled buffers.
+    /// Reads into an owned buffer that refilled a buffer evicted from another tensor (pages
+    /// already faulted in) instead of mapping a new one.
+    pub buffers_reused: u64,
+    /// Bytes held by the cache now: loaded tensors and reads in flight.
     pub resident_bytes: u64,
     /// The highest `resident_bytes` seen.
     pub peak_resident_bytes: u64,
@@ -44,6 +47,7 @@ pub(crate) struct Counters {
     pub prefetch_dropped: AtomicU64,
     pub bytes_read: AtomicU64,
     pub evictions: AtomicU64,
+    pub buffers_reused: AtomicU64,
     pub wait_ns: AtomicU64,
 }
 
@@ -63,6 +67,7 @@ impl Counters {
         stats.prefetch_dropped = read(&self.prefetch_dropped);
         stats.bytes_read = read(&self.bytes_read);
         stats.evictions = read(&self.evictions);
+        stats.buffers_reused = read(&self.buffers_reused);
         stats.wait_ns = read(&self.wait_ns);
     }
 }

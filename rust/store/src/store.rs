@@ -20,7 +20,7 @@ use std::time::Instant;
 use crate::cache::{Acquired, Cache, Need, Reservation};
 use crate::error::{Result, StoreError};
 use crate::index::{Entry, Index};
-use crate::mapping::{self, is_view, FileSet, Loaded};
+use crate::mapping::{self, FileSet, Loaded, ReadMode};
 use crate::pool::ReadPool;
 use crate::stats::{Counters, Stats};
 
@@ -33,6 +33,11 @@ pub struct StoreOptions {
     pub read_threads: usize,
     /// Check every tensor's checksum when it is read (costs a hash of its bytes).
     pub verify_reads: bool,
+    /// Serve uncompressed tensors at aligned offsets as zero-copy views of a private file
+    /// mapping. When false, every tensor is read with `pread` into an owned, 64-byte-aligned
+    /// buffer that is nowhere else, and the mappings are never touched: a file truncated
+    /// under the store then fails a read (`Corrupt`) instead of raising SIGBUS in a tensor.
+    pub zero_copy: bool,
 }
 
 impl Default for StoreOptions {
@@ -41,6 +46,7 @@ impl Default for StoreOptions {
             max_resident: None,
             read_threads: 2,
             verify_reads: false,
+            zero_copy: true,
         }
     }
 }
@@ -277,7 +283,10 @@ impl Runtime {
             index: Arc::clone(index),
             files: FileSet::new(index, root),
             cache: Cache::new(index.tensors.len(), options.max_resident),
-            verify_reads: options.verify_reads,
+            mode: ReadMode {
+                zero_copy: options.zero_copy,
+                verify: options.verify_reads,
+            },
             epoch: fork_epoch(),
         });
         // Open every file now: a writer that later replaces this store deletes the files of
@@ -304,13 +313,16 @@ impl Runtime {
             .filter_map(|&slot| {
                 let entry = &self.core.index.tensors[slot as usize];
                 // A tensor too large to hold is left to the `get` that follows to report.
-                let Some(need) = Need::for_entry(entry) else {
+                let Some(need) = self.core.need(entry) else {
                     Counters::add(&counters.prefetch_dropped, 1);
                     return None;
                 };
                 Some((slot, self.core.cache.reserve_prefetch(slot, need)?))
             })
             .collect();
+        if jobs.is_empty() {
+            return; // all resident or in flight: waking the read threads would only cost time
+        }
         if let Err(refused) = self.pool.submit(jobs) {
             Counters::add(&counters.prefetch_dropped, refused.len() as u64);
             self.core.cancel(refused);
@@ -330,7 +342,7 @@ struct Core {
     index: Arc<Index>,
     files: FileSet,
     cache: Cache,
-    verify_reads: bool,
+    mode: ReadMode,
     /// The fork epoch this runtime was built in (see `fork_epoch`).
     epoch: u64,
 }
@@ -338,13 +350,13 @@ struct Core {
 impl Core {
     fn get(self: &Arc<Self>, slot: u32) -> Result<TensorBytes> {
         let entry = &self.index.tensors[slot as usize];
-        if is_view(entry) {
+        if self.mode.serves_view(entry) {
             // A resident view of a file that changed would show other bytes, or SIGBUS.
             if let Some(map) = self.files.opened(entry.file) {
                 map.check_unchanged(&entry.name)?;
             }
         }
-        let need = Need::for_entry(entry).ok_or_else(|| self.too_large(entry))?;
+        let need = self.need(entry).ok_or_else(|| self.too_large(entry))?;
         let started = Instant::now();
         let (address, len) = match self.cache.acquire(slot, need) {
             Acquired::Pinned {
@@ -370,6 +382,11 @@ impl Core {
             address,
             len,
         })
+    }
+
+    /// What admitting `entry` costs; `None` for a tensor too large for any process.
+    fn need(&self, entry: &Entry) -> Option<Need> {
+        Need::for_entry(entry, self.mode.serves_view(entry))
     }
 
     /// A read thread's job: perform a read reserved by `Runtime::prefetch`.
@@ -398,7 +415,7 @@ impl Core {
         let reuse = reservation.reuse;
         let loaded = catch_unwind(AssertUnwindSafe(|| {
             let map = self.files.open(entry.file, &entry.name)?;
-            mapping::load(map, entry, reuse, self.verify_reads)
+            mapping::load(map, entry, reuse, self.mode)
         }))
         .unwrap_or_else(|panic| Err(self.panic_error(entry, panic)));
         if loaded.is_ok() {
@@ -446,8 +463,10 @@ fn open_for_verify(path: &Path) -> Result<Option<std::fs::File>> {
 
 /// The pinned bytes of one tensor. While it lives the cache cannot evict them and the memory
 /// stays valid, even after the store is closed or dropped (it holds the runtime's shared
-/// state). Uncompressed tensors are views of a private (copy-on-write) file mapping: writing
-/// through `as_ptr` never modifies the file, and is the writer's own (unsafe) business.
+/// state). With `zero_copy`, uncompressed tensors are views of a private (copy-on-write) file
+/// mapping; other tensors are owned buffers. Writing through `as_ptr` never modifies the
+/// file; it changes the cached copy until it is evicted, and is the writer's own (unsafe)
+/// business.
 pub struct TensorBytes {
     core: Arc<Core>,
     slot: u32,

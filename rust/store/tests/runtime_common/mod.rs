@@ -146,6 +146,7 @@ pub fn budget(bytes: u64, read_threads: usize) -> StoreOptions {
         max_resident: Some(bytes),
         read_threads,
         verify_reads: false,
+        zero_copy: true,
     }
 }
 
