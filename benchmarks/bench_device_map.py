@@ -1,14 +1,15 @@
-"""infer_auto_device_map on a ~40k-module model: bigmodel vs accelerate.
+"""infer_auto_device_map on a 40k-module model: bigmodel vs accelerate.
 
-The model is a decoder-only transformer skeleton built on the meta device (no memory):
-token embedding tied to the output head, N blocks of attention + MLP (12 modules each), a
-final norm. The budget spreads it over three GPUs, the CPU and the disk, so the planner has
-to split the block list, move between devices and keep the tied pair together.
+The model is a GPT-2 skeleton built on the meta device (no memory): token embedding tied
+to the output head, position embedding, N blocks of fused attention + MLP (10 modules each;
+4000 blocks by default, 40k modules), a final norm. The budget spreads it over three GPUs,
+the CPU and the disk, so the planner has to split the block list, move between devices and
+keep the tied pair together.
 
 Both libraries plan the same model with the same budget, alternating, and the maps must be
 identical (same keys, devices and order). Prints the median times and the speed-up.
 
-    .venv/bin/python benchmarks/bench_device_map.py [--blocks 3300] [--repeats 3]
+    .venv/bin/python benchmarks/bench_device_map.py [--blocks 4000] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -31,46 +32,47 @@ from bigmodel.memory import compute_module_sizes  # noqa: E402
 
 
 class Attention(nn.Module):
+    """GPT-2 attention: one fused q/k/v projection and the output projection."""
+
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.o_proj = nn.Linear(dim, dim)
+        self.c_attn = nn.Linear(dim, 3 * dim)
+        self.c_proj = nn.Linear(dim, dim)
 
 
 class MLP(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.up_proj = nn.Linear(dim, 4 * dim)
+        self.c_fc = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
-        self.down_proj = nn.Linear(4 * dim, dim)
+        self.c_proj = nn.Linear(4 * dim, dim)
 
 
-class DecoderBlock(nn.Module):
-    """12 modules: the block, 2 norms, attention (5), MLP (4)."""
+class Block(nn.Module):
+    """A GPT-2 block (inference: no dropout): 10 modules."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.input_norm = nn.LayerNorm(dim)
+        self.ln_1 = nn.LayerNorm(dim)
         self.attn = Attention(dim)
-        self.post_norm = nn.LayerNorm(dim)
+        self.ln_2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim)
 
 
-class Decoder(nn.Module):
+class GPT(nn.Module):
     def __init__(self, n_blocks: int, dim: int, vocab: int) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(vocab, dim)
-        self.layers = nn.ModuleList(DecoderBlock(dim) for _ in range(n_blocks))
-        self.norm = nn.LayerNorm(dim)
+        self.wte = nn.Embedding(vocab, dim)
+        self.wpe = nn.Embedding(1024, dim)
+        self.h = nn.ModuleList(Block(dim) for _ in range(n_blocks))
+        self.ln_f = nn.LayerNorm(dim)
         self.lm_head = nn.Linear(dim, vocab, bias=False)
-        self.lm_head.weight = self.embed_tokens.weight
+        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
 
 
 def build_model(n_blocks: int) -> nn.Module:
     with torch.device("meta"):
-        return Decoder(n_blocks, dim=256, vocab=32000)
+        return GPT(n_blocks, dim=256, vocab=32000)
 
 
 def budget_for(model: nn.Module) -> dict:
@@ -86,7 +88,7 @@ def budget_for(model: nn.Module) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=3300, help="decoder blocks (12 modules each)")
+    parser.add_argument("--blocks", type=int, default=4000, help="GPT-2 blocks (10 modules each)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (median)")
     args = parser.parse_args()
 

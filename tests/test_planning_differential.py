@@ -27,7 +27,7 @@ from bigmodel import memory as ours_memory
 from bigmodel.tied import find_tied_parameters
 
 SETTINGS = settings(
-    max_examples=120,
+    max_examples=2500,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -368,6 +368,13 @@ def test_compute_module_sizes_matches_accelerate(data: st.DataObject) -> None:
     assert ours_memory.compute_module_total_buffer_size(
         model, dtype, special
     ) == upstream.compute_module_total_buffer_size(model, dtype, special)
+
+
+@SETTINGS
+@given(model=models())
+def test_find_tied_parameters_matches_accelerate_in_order(model: nn.Module) -> None:
+    # Same groups in the same order (the order follows a set of names: same process only).
+    assert find_tied_parameters(model) == upstream.find_tied_parameters(model)
 
 
 @SETTINGS

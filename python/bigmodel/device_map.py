@@ -72,6 +72,33 @@ Entry = tuple[str, nn.Module | torch.Tensor]
 # Model structure, computed once per name
 
 
+class _SizeLookup(Mapping[str, Size]):
+    """Module and tensor sizes from separate tables (a module never has a tensor's name)."""
+
+    def __init__(self, *tables: dict[str, Size]) -> None:
+        self._tables = tables
+
+    def __getitem__(self, name: str) -> Size:
+        size = self.get(name, None)
+        if size is None:
+            raise KeyError(name)
+        return size
+
+    def get(self, name: str, default: Size | None = 0) -> Size | None:  # type: ignore[override]
+        for table in self._tables:
+            size = table.get(name)
+            if size is not None:
+                return size
+        return default
+
+    def __iter__(self) -> Iterator[str]:
+        for table in self._tables:
+            yield from table
+
+    def __len__(self) -> int:
+        return sum(len(table) for table in self._tables)
+
+
 class _ModuleTree:
     """Children, sizes and largest layers of the model's modules, looked up by dotted name.
 
@@ -85,6 +112,7 @@ class _ModuleTree:
         module_sizes: Mapping[str, Size],
         no_split: Iterable[str],
         scan: ModelScan | None = None,
+        scanned_module_sizes: dict[str, Size] | None = None,
     ) -> None:
         self.sizes = module_sizes
         self._no_split = frozenset(no_split)
@@ -92,7 +120,8 @@ class _ModuleTree:
         self._largest_layers: dict[str, tuple[Size, int]] = {}
         if scan is not None:
             self._children = scan.children
-            self._compute_largest_layers(scan.paths)
+            # Layers are modules: their sizes are in the (smaller, plain) module table.
+            self._compute_largest_layers(scan.paths, (scanned_module_sizes or module_sizes).get)
 
     def size(self, name: str) -> Size:
         return self.sizes.get(name, 0)
@@ -131,12 +160,14 @@ class _ModuleTree:
         ]
         return parameters + self.children(name, module)
 
-    def _compute_largest_layers(self, paths: list[tuple[str, nn.Module]]) -> None:
+    def _compute_largest_layers(
+        self, paths: list[tuple[str, nn.Module]], size_of: Callable[[str, Size], Size]
+    ) -> None:
         """`largest_layers` of every module, children first (iterative: no deep recursion)."""
         for name, module in reversed(paths):
             children = self._children.get(name)
             if not children or type(module).__name__ in self._no_split:
-                self._largest_layers[name] = (self.size(name), 1)
+                self._largest_layers[name] = (size_of(name, 0), 1)
                 continue
             size, count = self._largest_layers[children[0][0]]
             for child, _ in children[1:]:
@@ -547,10 +578,10 @@ class _Planner:
         self._verbose = verbose
 
         scan = ModelScan(model, dtype, special_dtypes)
-        sizes = dict(scan.tensor_sizes())
-        sizes.update(scan.subtree_bytes())
-        self.tree = _ModuleTree(sizes, _class_names(no_split_module_classes), scan)
-        self._model_has_buffers = bool(scan.buffers)
+        module_sizes = scan.subtree_bytes()
+        sizes = _SizeLookup(module_sizes, scan.parameter_bytes, scan.buffer_bytes)
+        self.tree = _ModuleTree(sizes, _class_names(no_split_module_classes), scan, module_sizes)
+        self._model_has_buffers = bool(scan.buffer_bytes)
         tied_parameters = tied_parameter_groups(scan)
         if check_tied_parameters_in_config(model) and not tied_parameters:
             logger.warning(

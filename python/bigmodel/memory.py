@@ -132,37 +132,43 @@ class ModelScan:
         self.paths: list[tuple[str, nn.Module]] = []
         # Children of each module path that has some (a child registered twice, twice).
         self.children: dict[str, list[tuple[str, nn.Module]]] = {}
-        # named_modules(), named_parameters(), named_buffers(): first names only.
+        # named_modules(): first names only.
         self.modules: list[tuple[str, nn.Module]] = []
-        self.parameters: list[tuple[str, torch.Tensor]] = []
-        self.buffers: list[tuple[str, torch.Tensor]] = []
-        # named_parameters(remove_duplicate=False): every name of every parameter.
-        self.every_parameter: list[tuple[str, torch.Tensor]] = []
-        # Bytes of each listed tensor (same order as the listings), and of the tensors
-        # each module holds directly.
-        self.parameter_sizes: list[Size] = []
-        self.buffer_sizes: list[Size] = []
+        # id of each parameter -> its first name (the name named_parameters() gives).
+        self.first_name_of: dict[int, str] = {}
+        # The other names of parameters (named_parameters(remove_duplicate=False) minus
+        # named_parameters()), in walk order.
+        self.parameter_aliases: list[tuple[str, torch.Tensor]] = []
+        self._model = model
+        # Bytes of each tensor under its first name, in named_parameters() / named_buffers()
+        # order, and of the tensors each module holds directly.
+        self.parameter_bytes: dict[str, Size] = {}
+        self.buffer_bytes: dict[str, Size] = {}
         self._own_parameter_bytes: dict[str, Size] = {}
         self._own_buffer_bytes: dict[str, Size] = {}
         self._walk(model)
 
-    @property
-    def has_aliases(self) -> bool:
-        """Whether some module or parameter is reachable under two names."""
-        more_paths = len(self.paths) > len(self.modules)
-        return more_paths or len(self.every_parameter) > len(self.parameters)
+    def every_parameter_name(self) -> list[str]:
+        """The names ``named_parameters(remove_duplicate=False)`` gives, in its order."""
+        if not self.parameter_aliases:
+            return list(self.parameter_bytes)
+        return [name for name, _ in self._model.named_parameters(remove_duplicate=False)]
 
     def _walk(self, model: nn.Module) -> None:
         seen_modules: set[int] = set()
-        seen_tensors: set[int] = set()
+        # (module path, first visit, tensors) of the modules holding parameters / buffers,
+        # sized afterwards in one loop each (cheaper than a call per module).
+        holding_parameters: list[tuple[str, bool, dict[str, torch.Tensor | None]]] = []
+        holding_buffers: list[tuple[str, bool, dict[str, torch.Tensor | None]]] = []
         stack = [("", model)]
         while stack:
-            path, module = stack.pop()
-            self.paths.append((path, module))
+            entry = stack.pop()
+            path, module = entry
+            self.paths.append(entry)
             attributes = module.__dict__  # one attribute lookup instead of three
-            prefix = f"{path}." if path else ""
             children = attributes["_modules"]
             if children:
+                prefix = f"{path}." if path else ""
                 listed = [(prefix + n, child) for n, child in children.items() if child is not None]
                 self.children[path] = listed
                 stack.extend(reversed(listed))
@@ -171,42 +177,53 @@ class ModelScan:
             first_visit = id(module) not in seen_modules
             if first_visit:
                 seen_modules.add(id(module))
-                self.modules.append((path, module))
-            parameters = attributes["_parameters"]
-            if parameters:
-                for name, tensor in parameters.items():
-                    if tensor is not None:
-                        self.every_parameter.append((prefix + name, tensor))
-                if first_visit:
-                    self._list_new(path, prefix, parameters, seen_tensors, buffers=False)
+                self.modules.append(entry)
+            if attributes["_parameters"]:
+                holding_parameters.append((path, first_visit, attributes["_parameters"]))
             if first_visit and attributes["_buffers"]:
-                self._list_new(path, prefix, attributes["_buffers"], seen_tensors, buffers=True)
-
-    def _list_new(
-        self,
-        path: str,
-        prefix: str,
-        tensors: dict[str, torch.Tensor | None],
-        seen: set[int],
-        buffers: bool,
-    ) -> None:
-        """Lists and sizes the tensors of a module that were not met under another name."""
-        listing, sizes = (
-            (self.buffers, self.buffer_sizes)
-            if buffers
-            else (self.parameters, self.parameter_sizes)
+                holding_buffers.append((path, True, attributes["_buffers"]))
+        self._size_tensors(
+            holding_parameters,
+            self.parameter_bytes,
+            self._own_parameter_bytes,
+            self.first_name_of,
+            self.parameter_aliases,
         )
-        own_bytes = self._own_buffer_bytes if buffers else self._own_parameter_bytes
+        self._size_tensors(holding_buffers, self.buffer_bytes, self._own_buffer_bytes, {}, [])
+
+    def _size_tensors(
+        self,
+        holders: list[tuple[str, bool, dict[str, torch.Tensor | None]]],
+        sizes: dict[str, Size],
+        own_sizes: dict[str, Size],
+        first_name_of: dict[int, str],
+        aliases: list[tuple[str, torch.Tensor]],
+    ) -> None:
+        """Sizes the tensors of ``holders`` under their first names; others are aliases."""
         size_of = self._sizer.size_of
-        for name, tensor in tensors.items():
-            if tensor is None or id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
-            full_name = prefix + name
-            size = size_of(full_name, tensor)
-            listing.append((full_name, tensor))
-            sizes.append(size)
-            own_bytes[path] = own_bytes.get(path, 0) + size
+        # Bytes per element by dtype, when no special dtype applies (the common case; a
+        # lookup here instead of a call per tensor).
+        element_sizes = self._sizer.element_sizes
+        for path, first_visit, tensors in holders:
+            prefix = f"{path}." if path else ""
+            own_bytes: Size = 0
+            for name, tensor in tensors.items():
+                if tensor is None:
+                    continue
+                full_name = prefix + name
+                if not first_visit or id(tensor) in first_name_of:
+                    aliases.append((full_name, tensor))
+                    continue
+                first_name_of[id(tensor)] = full_name
+                per_element = element_sizes.get(tensor.dtype)
+                if per_element is None:
+                    size = size_of(full_name, tensor)
+                else:
+                    size = tensor.numel() * per_element
+                sizes[full_name] = size
+                own_bytes += size
+            if first_visit:  # every sized tensor's module gets a total, even of 0 bytes
+                own_sizes[path] = own_sizes.get(path, 0) + own_bytes
 
     def subtree_bytes(self, buffers_only: bool = False) -> dict[str, Size]:
         """Bytes under each module path (first names), its own tensors and all below.
@@ -223,26 +240,16 @@ class ModelScan:
                 totals[parent] = totals.get(parent, 0) + totals[path]
         return totals
 
-    def tensor_sizes(self, buffers_only: bool = False) -> list[tuple[str, Size]]:
-        """``(name, bytes)`` of the parameters then buffers (or buffers only), listing order."""
-        named_buffers = [
-            (name, size) for (name, _), size in zip(self.buffers, self.buffer_sizes, strict=True)
-        ]
-        if buffers_only:
-            return named_buffers
-        named_parameters = [
-            (name, size)
-            for (name, _), size in zip(self.parameters, self.parameter_sizes, strict=True)
-        ]
-        return named_parameters + named_buffers
-
     def module_sizes(self, buffers_only: bool = False) -> defaultdict[str, Size]:
         """`compute_module_sizes` for the scanned model (same values, same key order)."""
         totals = self.subtree_bytes(buffers_only)
         # accelerate lists, for each tensor in order, its not yet listed parents (outermost
         # first) then the tensor. A listed parent has all its own parents listed already.
         sizes: defaultdict[str, Size] = defaultdict(int)
-        for name, size in self.tensor_sizes(buffers_only):
+        tensor_bytes = list(self.buffer_bytes.items())
+        if not buffers_only:
+            tensor_bytes = list(self.parameter_bytes.items()) + tensor_bytes
+        for name, size in tensor_bytes:
             unlisted = []
             parent = name.rpartition(".")[0]
             while parent not in sizes:
@@ -287,22 +294,29 @@ class _TensorSizer:
             name: dtype_byte_size(as_torch_dtype(special))
             for name, special in (special_dtypes or {}).items()
         }
-        # Bytes per element of each dtype met (after applying the target dtype).
-        self._element_sizes: dict[torch.dtype, Size] = {}
+        # Bytes per element of each dtype met (after applying the target dtype); left empty
+        # when special dtypes exist, as sizes then depend on names too.
+        self.element_sizes: dict[torch.dtype, Size] = {}
+        self._per_dtype: dict[torch.dtype, Size] = {}
 
     def size_of(self, name: str, tensor: torch.Tensor) -> Size:
         if self._special_sizes and name in self._special_sizes:
             return tensor.numel() * self._special_sizes[name]
-        per_element = self._element_sizes.get(tensor.dtype)
-        if per_element is None:
-            per_element = self._element_sizes[tensor.dtype] = self._element_size(tensor.dtype)
+        per_element = self._element_size(tensor.dtype)
+        if not self._special_sizes:
+            self.element_sizes[tensor.dtype] = per_element
         return tensor.numel() * per_element
 
     def _element_size(self, dtype: torch.dtype) -> Size:
-        own_size = dtype_byte_size(dtype)
-        if self._target_size is None or keeps_own_dtype(dtype):
-            return own_size  # integer/bool tensors are never cast
-        return min(self._target_size, own_size)  # a target dtype never makes a tensor bigger
+        per_element = self._per_dtype.get(dtype)
+        if per_element is None:
+            own_size = dtype_byte_size(dtype)
+            if self._target_size is None or keeps_own_dtype(dtype):
+                per_element = own_size  # integer/bool tensors are never cast
+            else:  # a target dtype never makes a tensor bigger
+                per_element = min(self._target_size, own_size)
+            self._per_dtype[dtype] = per_element
+        return per_element
 
 
 def compute_module_total_buffer_size(

@@ -121,11 +121,10 @@ class TensorStore(Mapping[str, torch.Tensor]):
         :meth:`open`; with ``zero_copy=False`` tensors are read into memory of their own.
         """
         budget = _byte_budget(max_resident)
-        options = {"zero_copy": zero_copy}
         if isinstance(files, str | os.PathLike) and Path(files).is_dir():
             folder = os.fspath(files)
             core = _core.Store.mount_offload_folder(
-                folder, budget, read_threads, verify_reads, **options
+                folder, budget, read_threads, verify_reads, zero_copy=zero_copy
             )
             return cls(core, folder)
         paths = (
@@ -133,7 +132,9 @@ class TensorStore(Mapping[str, torch.Tensor]):
             if isinstance(files, str | os.PathLike)
             else list(map(os.fspath, files))
         )
-        core = _core.Store.mount_safetensors(paths, budget, read_threads, verify_reads, **options)
+        core = _core.Store.mount_safetensors(
+            paths, budget, read_threads, verify_reads, zero_copy=zero_copy
+        )
         return cls(core, ", ".join(paths))
 
     def __getitem__(self, name: str) -> torch.Tensor:

@@ -33,21 +33,18 @@ def find_tied_parameters(model: nn.Module, **kwargs: object) -> list[list[str]]:
 
 def tied_parameter_groups(scan: ModelScan) -> list[list[str]]:
     """`find_tied_parameters` for an already scanned model."""
-    if not scan.has_aliases:
+    if not scan.parameter_aliases:
         return []
-    every_name = [name for name, _ in scan.every_parameter]
-    canonical = [name for name, _ in scan.parameters]
-    # The same sets as accelerate (built from the names in the same order), so that the set
-    # difference, hence the groups, come in the same order.
-    alias_names = set(every_name) - set(canonical)
-    parameter_of = {
-        name: parameter for name, parameter in scan.every_parameter if name in alias_names
-    }
-    canonical_name_of = {id(parameter): name for name, parameter in scan.parameters}
+    first_name_of = {id(p): scan.first_name_of[id(p)] for _, p in scan.parameter_aliases}
+    alias_names = [name for name, _ in scan.parameter_aliases]
+    if len(first_name_of) > 1:
+        # Several groups: list them in accelerate's order, that of a set difference of
+        # names (built from the same names in the same order to iterate the same way).
+        alias_names = list(set(scan.every_parameter_name()) - set(scan.parameter_bytes))
+    parameter_of = dict(scan.parameter_aliases)
     aliases_of: dict[str, list[str]] = {}
     for alias in alias_names:
-        first_name = canonical_name_of[id(parameter_of[alias])]
-        aliases_of.setdefault(first_name, []).append(alias)
+        aliases_of.setdefault(first_name_of[id(parameter_of[alias])], []).append(alias)
     return [sorted([first_name, *aliases]) for first_name, aliases in aliases_of.items()]
 
 

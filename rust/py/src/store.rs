@@ -11,7 +11,15 @@ use crate::errors::IntoPyResult;
 use crate::tensor::TensorBytes;
 
 /// (name, dtype, shape, raw bytes, stored bytes, file path, codec) of one tensor.
-type EntryRow = (String, &'static str, Vec<u64>, u64, u64, String, &'static str);
+type EntryRow = (
+    String,
+    &'static str,
+    Vec<u64>,
+    u64,
+    u64,
+    String,
+    &'static str,
+);
 /// (path, size in bytes, mounted) of one file.
 type FileRow = (String, u64, bool);
 
@@ -66,7 +74,11 @@ impl Store {
         zero_copy: bool,
     ) -> PyResult<Store> {
         let opts = options(max_resident, read_threads, verify_reads, zero_copy);
-        let root = files.first().and_then(|f| f.parent()).map(PathBuf::from).unwrap_or_default();
+        let root = files
+            .first()
+            .and_then(|f| f.parent())
+            .map(PathBuf::from)
+            .unwrap_or_default();
         let inner = py
             .detach(|| {
                 let index = mount::mount_safetensors(&files)?;
@@ -113,14 +125,23 @@ impl Store {
     /// Every tensor's metadata, in index order.
     fn entries(&self) -> Vec<EntryRow> {
         let index = self.inner.index();
-        index.tensors.iter().map(|e| entry_row(index, &self.root, e)).collect()
+        index
+            .tensors
+            .iter()
+            .map(|e| entry_row(index, &self.root, e))
+            .collect()
     }
 
     /// Every file the store reads, in index order.
     fn files(&self) -> Vec<FileRow> {
         let index = self.inner.index();
         let path = |i: usize| index.file_path(&self.root, i).display().to_string();
-        index.files.iter().enumerate().map(|(i, f)| (path(i), f.size, f.mounted)).collect()
+        index
+            .files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (path(i), f.size, f.mounted))
+            .collect()
     }
 
     /// Pins and returns the bytes of tensor `name`, reading them if they are not resident.
@@ -176,5 +197,13 @@ fn entry_row(index: &Index, root: &std::path::Path, entry: &Entry) -> EntryRow {
     };
     let file = index.file_path(root, entry.file).display().to_string();
     let name = entry.name.clone();
-    (name, entry.dtype.name(), entry.shape.clone(), entry.raw_length, entry.length, file, codec)
+    (
+        name,
+        entry.dtype.name(),
+        entry.shape.clone(),
+        entry.raw_length,
+        entry.length,
+        file,
+        codec,
+    )
 }

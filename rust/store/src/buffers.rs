@@ -159,7 +159,7 @@ fn map_anonymous(capacity: usize) -> io::Result<NonNull<u8>> {
             libc::munmap((start + capacity) as *mut libc::c_void, slack - head);
         }
         // Only a hint: without huge pages the buffer works the same, just slower to fill.
-        libc::madvise(start as *mut libc::c_void, capacity, libc::MADV_HUGEPAGE);
+        if std::env::var_os("BM_NOHUGE").is_none() { libc::madvise(start as *mut libc::c_void, capacity, libc::MADV_HUGEPAGE); }
     }
     Ok(NonNull::new(start as *mut u8).expect("mapped address is non-null"))
 }

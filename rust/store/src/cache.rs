@@ -17,7 +17,10 @@
 //! recently used entry holding a buffer of exactly that capacity (if one is among the oldest
 //! entries), and refills that buffer: its pages are already faulted in, which makes the read
 //! several times faster than unmapping one buffer and faulting in its twin. Streaming over a
-//! model whose layers repeat the same shapes thus reuses the same few buffers.
+//! model whose layers repeat the same shapes thus reuses the same few buffers. The price: an
+//! entry of a shape no read asks for is evicted later than strict LRU order would (a model's
+//! embedding stays cached from one forward pass to the next while the blocks stream through
+//! the rest of the budget); it is evicted as soon as a read finds no buffer to recycle.
 
 use std::ptr::NonNull;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};

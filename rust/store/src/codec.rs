@@ -81,7 +81,10 @@ mod tests {
             damaged[at] ^= 0x10;
             let mut out = vec![0u8; raw.len()];
             let decoded = decompress_into(&damaged, &mut out, path, "t");
-            assert!(decoded.is_err() || out == raw, "byte {at}: wrong bytes served");
+            assert!(
+                decoded.is_err() || out == raw,
+                "byte {at}: wrong bytes served"
+            );
         }
     }
 }

@@ -21,6 +21,7 @@ use serde_json::Value;
 
 use crate::dtype::{byte_size, DType};
 use crate::error::{Result, StoreError};
+use crate::json;
 use crate::layout;
 
 /// The committed index's file name inside a store directory.
@@ -119,7 +120,7 @@ impl Index {
     /// `format` and `version` first, so a newer store gets a version error rather than a
     /// confusing field error; unknown dtypes and codecs fail here, naming the tensor.
     pub fn parse(bytes: &[u8], source: &Path) -> Result<Index> {
-        let doc: Value = serde_json::from_slice(bytes)
+        let doc: Value = json::from_slice(bytes)
             .map_err(|e| StoreError::format(source, format!("the index is not valid JSON: {e}")))?;
         check_format_and_version(&doc, source)?;
         let raw: RawIndex = serde_json::from_value(doc)

@@ -18,6 +18,7 @@ pub mod codec;
 pub mod dtype;
 pub mod error;
 pub mod index;
+mod json;
 pub mod layout;
 mod mapping;
 pub mod mount;

@@ -8,11 +8,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::dtype::{byte_size, DType};
 use crate::error::{Result, StoreError};
 use crate::index::{self, Codec, Entry, FileRecord, Index};
+use crate::json;
 use crate::layout::{self, WriterLock};
 use crate::safetensors::{self, Header};
 
@@ -81,9 +82,13 @@ pub fn mount_offload_folder(dir: &Path) -> Result<Index> {
     let dir = fs::canonicalize(dir).map_err(|e| StoreError::io(dir, e))?;
     let index_path = dir.join(OFFLOAD_INDEX_FILE);
     let bytes = index::read_index_file(&index_path, "an offload index")?;
-    let doc: Map<String, Value> = serde_json::from_slice(&bytes).map_err(|e| {
-        StoreError::format(&index_path, format!("not a JSON object of tensors: {e}"))
-    })?;
+    let not_an_object = |detail: String| {
+        StoreError::format(&index_path, format!("not a JSON object of tensors{detail}"))
+    };
+    let doc = match json::from_slice(&bytes).map_err(|e| not_an_object(format!(": {e}")))? {
+        Value::Object(doc) => doc,
+        _ => return Err(not_an_object(String::new())),
+    };
     let mut mount = Mount::default();
     let mut headers: HashMap<usize, Header> = HashMap::new();
     for (name, info) in doc {

@@ -158,7 +158,11 @@ mod tests {
         assert!(pool.submit(vec![5, 6, 7]).is_ok());
         wait_until(|| done.load(Ordering::SeqCst) == 0b1111_0111);
         assert!(pool.close().is_empty());
-        assert_eq!(pool.submit(vec![0]), Err(vec![0]), "a closed pool returns work");
+        assert_eq!(
+            pool.submit(vec![0]),
+            Err(vec![0]),
+            "a closed pool returns work"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use crate::dtype::{byte_size, DType};
 use crate::error::{Result, StoreError};
 use crate::index::ALIGNMENT;
-use crate::layout;
+use crate::{json, layout};
 
 /// Headers longer than this are refused (the safetensors library uses the same bound),
 /// so a corrupt length never makes us allocate gigabytes.
@@ -119,8 +119,13 @@ struct RawTensor {
 }
 
 fn parse_json(json: &[u8], data_start: u64, file_len: u64, path: &Path) -> Result<Header> {
-    let doc: Map<String, Value> = serde_json::from_slice(json)
-        .map_err(|e| StoreError::format(path, format!("the header is not a JSON object: {e}")))?;
+    let not_an_object = |detail: String| {
+        StoreError::format(path, format!("the header is not a JSON object{detail}"))
+    };
+    let doc = match json::from_slice(json).map_err(|e| not_an_object(format!(": {e}")))? {
+        Value::Object(doc) => doc,
+        _ => return Err(not_an_object(String::new())),
+    };
     let data_len = file_len - data_start;
     let mut metadata = BTreeMap::new();
     let mut tensors = Vec::with_capacity(doc.len());

@@ -296,7 +296,8 @@ impl Runtime {
         }
         let job_core = Arc::clone(&core);
         let job = Arc::new(move |(slot, reservation)| job_core.prefetch_one(slot, reservation));
-        let pool = ReadPool::start(options.read_threads, job).map_err(|e| StoreError::io(root, e))?;
+        let pool =
+            ReadPool::start(options.read_threads, job).map_err(|e| StoreError::io(root, e))?;
         Ok(Runtime { core, pool })
     }
 
@@ -403,7 +404,9 @@ impl Core {
             self.cache.settle(reservation.released);
             let cancelled = std::io::Error::other("prefetch cancelled");
             let path = self.files.path(self.index.tensors[slot as usize].file);
-            let _ = self.cache.finish_load(slot, Err(StoreError::io(path, cancelled)));
+            let _ = self
+                .cache
+                .finish_load(slot, Err(StoreError::io(path, cancelled)));
         }
     }
 
