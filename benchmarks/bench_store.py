@@ -8,9 +8,12 @@ and lazily mapped tensors included; the sequential read (16 MiB ``readinto`` int
 buffer, bytes not touched) is the machine's limit.
 
 bigmodel streams the store through a ``--budget`` (default 256MB) residency budget, prefetching
-a few tensors ahead, through a store kept open across passes as its offload hooks keep theirs
-(each pass really reads every byte again: the benchmark checks the store's byte counter). The
-"first pass" row opens a fresh store for each pass instead, so its buffers are new memory.
+a few tensors ahead, through a store kept open across passes as its offload hooks keep theirs.
+Its rates count only the bytes a pass read from the files (the store's byte counter): the
+owned store keeps the 64 MiB embedding cached from pass to pass (see rust/store/src/cache.rs),
+and those bytes are touched but not counted. The "first pass" row opens a fresh store for
+each pass instead, so its buffers are new memory.
+
 safetensors 0.8's ``load_file`` maps the file (tensors are lazy views of the mapping) unless
 ``backend="pread"``, which reads into new memory: bigmodel's owned rows compare with the pread
 backend, its views with the default one.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -86,10 +90,11 @@ class SyntheticWeights(Mapping[str, torch.Tensor]):
 
     def __init__(self, layout: dict[str, tuple[torch.dtype, tuple[int, int]]]):
         self.layout = layout
+        self.seeds = {name: seed for seed, name in enumerate(layout)}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         dtype, shape = self.layout[name]
-        generator = torch.Generator().manual_seed(list(self.layout).index(name))
+        generator = torch.Generator().manual_seed(self.seeds[name])
         return torch.randn(shape, generator=generator).to(dtype)
 
     def __iter__(self) -> Iterator[str]:
@@ -105,10 +110,11 @@ def ensure_store(size_gb: float) -> Path:
     path = CACHE / f"store-{size_gb:g}gb"
     if (path / _core.INDEX_FILE).exists():
         with TensorStore.open(path) as store:
-            if {name: (store.info(name)["dtype"], store.info(name)["shape"]) for name in store} == (
-                layout
-            ):
-                return path
+            stored = {
+                name: (store.info(name)["dtype"], store.info(name)["shape"]) for name in store
+            }
+        if stored == layout:
+            return path
     print(f"writing the benchmark store to {path} (once)", file=sys.stderr)
     write_store(path, SyntheticWeights(layout))
     return path
@@ -306,7 +312,6 @@ def check_targets(results: dict, peak_rss: dict[str, int], budget: int) -> dict[
             0.9,
         ),
         "owned peak RSS over baseline / budget <= 1.1": (peak_rss["owned"] / budget, 1.1),
-        "first-pass owned warm GB/s >= 4.5": (results[OWNED_FIRST]["warm_gbps"], 4.5),
     }
     return {
         target: {"value": value, "met": value <= limit if "<=" in target else value >= limit}
@@ -315,14 +320,15 @@ def check_targets(results: dict, peak_rss: dict[str, int], budget: int) -> dict[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-gb", type=float, default=2.0)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser.add_argument("--size-gb", type=float, default=2.0, help="size of the store")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds (median reported)")
     parser.add_argument("--budget", default="256MB", help="bigmodel's max_resident")
     args = parser.parse_args()
     budget = convert_file_size_to_int(args.budget)
     store_path = ensure_store(args.size_gb)
     files = shard_files(store_path)
+    load_before = os.getloadavg()[0]
     results = measure(cases(store_path, budget), files, args.repeats)
     peak_rss = {mode: peak_rss_over_baseline(store_path, mode, budget) for mode in RSS_MODES}
     targets = check_targets(results, peak_rss, budget)
@@ -331,6 +337,9 @@ def main() -> None:
         "store_bytes": sum(f.stat().st_size for f in files),
         "budget_bytes": budget,
         "repeats": args.repeats,
+        # Other processes on the machine compete for its cores: the 1-minute load average
+        # around the timed rounds tells how quiet it was (this benchmark adds about 1-2).
+        "load_average": [load_before, os.getloadavg()[0]],
         "cases": results,
         "peak_rss_over_baseline_bytes": peak_rss,
         "targets": targets,
@@ -343,6 +352,7 @@ def main() -> None:
 def render(report: dict) -> str:
     """The table, the machine line, peak RSS and the targets, as markdown."""
     size_gb, budget_mb = report["store_bytes"] / 1e9, report["budget_bytes"] / 1e6
+    load = report["load_average"]
     rss = ", ".join(
         f"{mode} {value / 1e6:.0f} MB"
         for mode, value in report["peak_rss_over_baseline_bytes"].items()
@@ -355,7 +365,8 @@ def render(report: dict) -> str:
         f"{markdown_table(report['cases'])}\n\n"
         f"Reading every tensor of a {size_gb:.2f} GB store, median of {report['repeats']} "
         f"alternating rounds; bigmodel with max_resident={budget_mb:.0f} MB. "
-        f"Machine: {report['machine']}.\n\n"
+        f"Machine: {report['machine']}; 1-minute load average {load[0]:.1f} before, "
+        f"{load[1]:.1f} after.\n\n"
         f"Peak RSS over the process baseline while reading: {rss}.\n\n"
         f"{verdicts}"
     )

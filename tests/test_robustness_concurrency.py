@@ -359,3 +359,17 @@ def test_verify_names_the_tensors_of_a_file_truncated_under_an_open_store(tmp_pa
         damaged = store.verify()
     assert damaged and set(damaged) <= set(_tensors())
     assert "w47" in damaged and "w0" not in damaged
+
+
+def _verify_listing(root: str) -> list[str]:
+    with TensorStore.open(root) as store:
+        shard = _shard(Path(root))
+        shard.unlink()
+        os.mkfifo(shard)  # opening a FIFO for reading would block until a writer comes
+        return sorted(store.verify())
+
+
+def test_verify_with_a_fifo_in_place_of_a_shard_lists_its_tensors_without_blocking(tmp_path):
+    write_store(tmp_path / "s", _tensors())
+    listed = run_in_child(_verify_listing, str(tmp_path / "s"), timeout=20)
+    assert listed == sorted(_tensors())

@@ -1,28 +1,23 @@
 """`infer_auto_device_map` and the device-map checks.
 
 The planner gives the same maps as accelerate 1.15 (same keys, values and key order) in time
-linear in the number of modules, where accelerate is quadratic. What makes it linear:
+linear in the number of modules, where accelerate's is quadratic:
 
-- the waiting entries live in a linked list indexed by name (`_Queue`), so popping, pushing
+- the model is walked once (`ModelScan`): sizes, tied parameters and the module tree come
+  from that walk, and every module's largest layer is computed once (`_ModuleTree`);
+- the waiting entries live in a linked list indexed by name (`_Queue`): popping, pushing
   back, removing a tied module and splitting a module in place cost O(1) per entry;
-- the room kept free on the main devices for "the largest remaining layer" is tracked by
-  `_LayerReserve`: the largest layer under each module is computed once (`_ModuleTree`), the
-  waiting modules are bucketed by it, and a heap gives the largest bucket, instead of walking
-  every waiting module after every split as accelerate does;
+- the room kept on the main devices for "the largest remaining layer" (`_LayerReserve`)
+  comes from a max-heap of the waiting modules' largest layers, where accelerate re-walks
+  every waiting module after each split and filters a list of names after each placement;
 - tied modules are found by walking up a name's parents in the queue index;
 - `clean_device_map` and `check_device_map` use a prefix tree / prefix lookups instead of
   rescanning all keys for every key.
 
-Differences from accelerate (all listed in docs/compatibility.md):
-- when a module is split, its direct buffers are kept in the map, on the device of the first
-  placed part of the module (accelerate drops them, and the map then fails
-  `check_device_map`);
-- ``fallback_allocation=True`` accepts fractional budgets (accelerate raises AttributeError
-  for the budgets `get_balanced_memory` computes for a single GPU);
-- a tied parameter whose module was already placed (three modules chained by two ties) or
-  which is itself waiting as an entry is handled instead of raising IndexError;
-- ``verbose=True`` logs each decision at INFO level on the ``bigmodel.device_map`` logger
-  instead of printing it.
+Differences from accelerate are listed in docs/compatibility.md (planning section): the
+direct buffers of a split module stay in the map, fractional budgets work with
+``fallback_allocation``, ties and doubly registered modules that make accelerate raise
+IndexError are planned, and ``verbose=True`` logs at INFO instead of printing.
 """
 
 from __future__ import annotations
@@ -79,17 +74,11 @@ class _SizeLookup(Mapping[str, Size]):
         self._tables = tables
 
     def __getitem__(self, name: str) -> Size:
-        size = self.get(name, None)
-        if size is None:
-            raise KeyError(name)
-        return size
-
-    def get(self, name: str, default: Size | None = 0) -> Size | None:  # type: ignore[override]
         for table in self._tables:
             size = table.get(name)
             if size is not None:
                 return size
-        return default
+        raise KeyError(name)
 
     def __iter__(self) -> Iterator[str]:
         for table in self._tables:
@@ -107,21 +96,21 @@ class _ModuleTree:
     different sizes: its tensors are counted under the first name only).
     """
 
-    def __init__(
-        self,
-        module_sizes: Mapping[str, Size],
-        no_split: Iterable[str],
-        scan: ModelScan | None = None,
-        scanned_module_sizes: dict[str, Size] | None = None,
-    ) -> None:
+    def __init__(self, module_sizes: Mapping[str, Size], no_split: Iterable[str]) -> None:
         self.sizes = module_sizes
         self._no_split = frozenset(no_split)
         self._children: dict[str, list[Entry]] = {}
         self._largest_layers: dict[str, tuple[Size, int]] = {}
-        if scan is not None:
-            self._children = scan.children
-            # Layers are modules: their sizes are in the (smaller, plain) module table.
-            self._compute_largest_layers(scan.paths, (scanned_module_sizes or module_sizes).get)
+
+    @classmethod
+    def from_scan(cls, scan: ModelScan, no_split: Iterable[str]) -> _ModuleTree:
+        """The whole model's tree, with every module's largest layers computed up front."""
+        module_sizes = scan.subtree_bytes()
+        tree = cls(_SizeLookup(module_sizes, scan.parameter_bytes, scan.buffer_bytes), no_split)
+        tree._children = scan.children
+        # Layers are modules: their sizes are in the (smaller, plain) module table.
+        tree._compute_largest_layers(scan.paths, module_sizes.get)
+        return tree
 
     def size(self, name: str) -> Size:
         return self.sizes.get(name, 0)
@@ -163,7 +152,11 @@ class _ModuleTree:
     def _compute_largest_layers(
         self, paths: list[tuple[str, nn.Module]], size_of: Callable[[str, Size], Size]
     ) -> None:
-        """`largest_layers` of every module, children first (iterative: no deep recursion)."""
+        """`largest_layers` of every module, children first (iterative: no deep recursion).
+
+        A module with only empty layers gets ``(0, number of layers)``, as accelerate counts
+        every layer of the maximum size, 0 included.
+        """
         for name, module in reversed(paths):
             children = self._children.get(name)
             if not children or type(module).__name__ in self._no_split:
@@ -178,20 +171,10 @@ class _ModuleTree:
                     count += child_count
             self._largest_layers[name] = (size, count)
 
-    def largest_layers(self, name: str, module: nn.Module) -> tuple[Size, int]:
-        """``(size, count)``: the size of the largest layers under the module, and how many
-        layers have that size (a module with only empty layers gives ``(0, n)``)."""
-        cached = self._largest_layers.get(name)
-        if cached is not None:
-            return cached
-        if self.is_layer(name, module):
-            largest = (self.size(name), 1)
-        else:
-            per_child = [self.largest_layers(*child) for child in self.children(name, module)]
-            size = max(child_size for child_size, _ in per_child)
-            largest = (size, sum(count for child_size, count in per_child if child_size == size))
-        self._largest_layers[name] = largest
-        return largest
+    def largest_layers(self, name: str) -> tuple[Size, int]:
+        """``(size, count)``: the size of the largest layers under a module (computed by
+        `from_scan`), and how many layers have that size."""
+        return self._largest_layers[name]
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,7 +301,7 @@ class _LayerReserve(_QueueListener):
         since = self._generation if part_of is None else self._waiting_since[part_of]
         self._waiting_since[name] = since
         if isinstance(obj, nn.Module):
-            largest, count = self._tree.largest_layers(name, obj)
+            largest, count = self._tree.largest_layers(name)
             if not self._modules_by_largest.get(largest):
                 heapq.heappush(self._sizes_heap, -largest)
             self._modules_by_largest[largest] = self._modules_by_largest.get(largest, 0) + 1
@@ -326,7 +309,7 @@ class _LayerReserve(_QueueListener):
 
     def left(self, name: str, obj: nn.Module | torch.Tensor) -> None:
         if isinstance(obj, nn.Module):
-            largest, count = self._tree.largest_layers(name, obj)
+            largest, count = self._tree.largest_layers(name)
             self._modules_by_largest[largest] -= 1
             self._layers_by_largest[largest] -= count
 
@@ -348,7 +331,7 @@ class _LayerReserve(_QueueListener):
             self._counted_tensors.discard(name)
             self._remaining -= 1
         elif isinstance(obj, nn.Module) and self._waiting_since[name] < self._generation:
-            largest, count = self._tree.largest_layers(name, obj)
+            largest, count = self._tree.largest_layers(name)
             if largest == self.size:
                 self._remaining -= count
         if self._remaining == 0:
@@ -578,9 +561,7 @@ class _Planner:
         self._verbose = verbose
 
         scan = ModelScan(model, dtype, special_dtypes)
-        module_sizes = scan.subtree_bytes()
-        sizes = _SizeLookup(module_sizes, scan.parameter_bytes, scan.buffer_bytes)
-        self.tree = _ModuleTree(sizes, _class_names(no_split_module_classes), scan, module_sizes)
+        self.tree = _ModuleTree.from_scan(scan, _class_names(no_split_module_classes))
         self._model_has_buffers = bool(scan.buffer_bytes)
         tied_parameters = tied_parameter_groups(scan)
         if check_tied_parameters_in_config(model) and not tied_parameters:
@@ -997,10 +978,11 @@ def _clean_below(device_map: dict[str, object], node: _KeyNode, name: str) -> No
         device_map[name] = node.first_value
         return
     prefix = f"{name}." if name else ""
-    # accelerate visits the children in the iteration order of a set of their names; build
-    # the set from the same names in the same order to visit them in the same order.
+    # accelerate visits the children in the iteration order of a set of their names, built
+    # name by name. Build it the same way (from a list: a set built from a dict is presized,
+    # which changes its iteration order) to visit them in the same order.
     children = {f"{prefix}{segment}": child for segment, child in node.children.items()}
-    for child_name in set(children):
+    for child_name in set(list(children)):
         _clean_below(device_map, children[child_name], child_name)
 
 

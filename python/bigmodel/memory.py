@@ -201,9 +201,9 @@ class ModelScan:
     ) -> None:
         """Sizes the tensors of ``holders`` under their first names; others are aliases."""
         size_of = self._sizer.size_of
-        # Bytes per element by dtype, when no special dtype applies (the common case; a
-        # lookup here instead of a call per tensor).
-        element_sizes = self._sizer.element_sizes
+        # Without special dtypes, a tensor's size depends on its dtype only: look up the
+        # bytes per element here instead of calling size_of for every tensor.
+        per_element = {} if self._sizer.special_sizes else self._sizer.per_element
         for path, first_visit, tensors in holders:
             prefix = f"{path}." if path else ""
             own_bytes: Size = 0
@@ -215,11 +215,11 @@ class ModelScan:
                     aliases.append((full_name, tensor))
                     continue
                 first_name_of[id(tensor)] = full_name
-                per_element = element_sizes.get(tensor.dtype)
-                if per_element is None:
+                element_size = per_element.get(tensor.dtype)
+                if element_size is None:
                     size = size_of(full_name, tensor)
                 else:
-                    size = tensor.numel() * per_element
+                    size = tensor.numel() * element_size
                 sizes[full_name] = size
                 own_bytes += size
             if first_visit:  # every sized tensor's module gets a total, even of 0 bytes
@@ -290,33 +290,26 @@ class _TensorSizer:
 
     def __init__(self, dtype: DtypeLike | None, special_dtypes: Mapping[str, DtypeLike] | None):
         self._target_size = None if dtype is None else dtype_byte_size(as_torch_dtype(dtype))
-        self._special_sizes = {
+        self.special_sizes = {
             name: dtype_byte_size(as_torch_dtype(special))
             for name, special in (special_dtypes or {}).items()
         }
-        # Bytes per element of each dtype met (after applying the target dtype); left empty
-        # when special dtypes exist, as sizes then depend on names too.
-        self.element_sizes: dict[torch.dtype, Size] = {}
-        self._per_dtype: dict[torch.dtype, Size] = {}
+        # Bytes per element of each dtype met, the target dtype applied (filled on demand).
+        self.per_element: dict[torch.dtype, Size] = {}
 
     def size_of(self, name: str, tensor: torch.Tensor) -> Size:
-        if self._special_sizes and name in self._special_sizes:
-            return tensor.numel() * self._special_sizes[name]
-        per_element = self._element_size(tensor.dtype)
-        if not self._special_sizes:
-            self.element_sizes[tensor.dtype] = per_element
+        if name in self.special_sizes:
+            return tensor.numel() * self.special_sizes[name]
+        per_element = self.per_element.get(tensor.dtype)
+        if per_element is None:
+            per_element = self.per_element[tensor.dtype] = self._element_size(tensor.dtype)
         return tensor.numel() * per_element
 
     def _element_size(self, dtype: torch.dtype) -> Size:
-        per_element = self._per_dtype.get(dtype)
-        if per_element is None:
-            own_size = dtype_byte_size(dtype)
-            if self._target_size is None or keeps_own_dtype(dtype):
-                per_element = own_size  # integer/bool tensors are never cast
-            else:  # a target dtype never makes a tensor bigger
-                per_element = min(self._target_size, own_size)
-            self._per_dtype[dtype] = per_element
-        return per_element
+        own_size = dtype_byte_size(dtype)
+        if self._target_size is None or keeps_own_dtype(dtype):
+            return own_size  # integer/bool tensors are never cast
+        return min(self._target_size, own_size)  # a target dtype never makes a tensor bigger
 
 
 def compute_module_total_buffer_size(

@@ -40,7 +40,10 @@ def tied_parameter_groups(scan: ModelScan) -> list[list[str]]:
     if len(first_name_of) > 1:
         # Several groups: list them in accelerate's order, that of a set difference of
         # names (built from the same names in the same order to iterate the same way).
-        alias_names = list(set(scan.every_parameter_name()) - set(scan.parameter_bytes))
+        # (Sets built name by name from lists, like accelerate's: from a dict the set would
+        # be presized and iterate in another order.)
+        every_name, first_names = scan.every_parameter_name(), list(scan.parameter_bytes)
+        alias_names = list(set(every_name) - set(first_names))
     parameter_of = dict(scan.parameter_aliases)
     aliases_of: dict[str, list[str]] = {}
     for alias in alias_names:

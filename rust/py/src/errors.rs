@@ -18,10 +18,15 @@ pub fn to_py(err: StoreError) -> PyErr {
         StoreError::InvalidArgument(_) => return PyValueError::new_err(message),
         StoreError::Io { source, .. } => return os_error(source, message),
     };
-    Python::attach(|py| match py.import("bigmodel.errors").and_then(|m| m.getattr(class)) {
-        Ok(cls) => PyErr::from_type(cls.cast_into().expect("bigmodel.errors holds classes"), message),
-        Err(import_error) => import_error,
-    })
+    Python::attach(
+        |py| match py.import("bigmodel.errors").and_then(|m| m.getattr(class)) {
+            Ok(cls) => PyErr::from_type(
+                cls.cast_into().expect("bigmodel.errors holds classes"),
+                message,
+            ),
+            Err(import_error) => import_error,
+        },
+    )
 }
 
 /// `OSError(errno, message)`: Python picks the subclass (FileNotFoundError, PermissionError, ...)
@@ -40,7 +45,6 @@ fn os_error(source: &std::io::Error, message: String) -> PyErr {
         None => PyOSError::new_err(message),
     }
 }
-
 
 pub trait IntoPyResult<T> {
     fn py_err(self) -> PyResult<T>;

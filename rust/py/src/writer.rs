@@ -24,8 +24,9 @@ pub struct StoreWriter {
 
 fn parse_plan(row: PlanRow) -> PyResult<TensorPlan> {
     let (name, dtype, shape, codec) = row;
-    let dtype = DType::from_name(&dtype)
-        .ok_or_else(|| PyValueError::new_err(format!("tensor {name:?}: unknown dtype {dtype:?}")))?;
+    let dtype = DType::from_name(&dtype).ok_or_else(|| {
+        PyValueError::new_err(format!("tensor {name:?}: unknown dtype {dtype:?}"))
+    })?;
     let codec = match codec.as_str() {
         "none" => Codec::None,
         "zstd" => Codec::Zstd,
@@ -47,13 +48,24 @@ fn parse_plan(row: PlanRow) -> PyResult<TensorPlan> {
 impl StoreWriter {
     #[new]
     #[pyo3(signature = (path, plan, shard_size, zstd_level=3))]
-    fn new(py: Python<'_>, path: PathBuf, plan: Vec<PlanRow>, shard_size: u64, zstd_level: i32) -> PyResult<Self> {
-        let plan = plan.into_iter().map(parse_plan).collect::<PyResult<Vec<_>>>()?;
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        plan: Vec<PlanRow>,
+        shard_size: u64,
+        zstd_level: i32,
+    ) -> PyResult<Self> {
+        let plan = plan
+            .into_iter()
+            .map(parse_plan)
+            .collect::<PyResult<Vec<_>>>()?;
         let opts = WriterOptions {
             shard_size,
             zstd_level,
         };
-        let writer = py.detach(|| CoreWriter::create(&path, plan, opts)).py_err()?;
+        let writer = py
+            .detach(|| CoreWriter::create(&path, plan, opts))
+            .py_err()?;
         Ok(StoreWriter {
             inner: RwLock::new(Some(writer)),
         })
@@ -62,7 +74,9 @@ impl StoreWriter {
     /// Writes the raw bytes of tensor `name` from any C-contiguous buffer (GIL released).
     fn write(&self, py: Python<'_>, name: &str, data: PyBuffer<u8>) -> PyResult<()> {
         if !data.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!("tensor {name:?}: buffer is not contiguous")));
+            return Err(PyValueError::new_err(format!(
+                "tensor {name:?}: buffer is not contiguous"
+            )));
         }
         let (ptr, len) = (data.buf_ptr() as usize, data.len_bytes());
         // SAFETY: `data` holds the exporter's buffer (and a reference to it) until it is dropped at
@@ -78,7 +92,12 @@ impl StoreWriter {
     /// Flushes and commits the store; the writer cannot be used afterwards.
     fn commit(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| {
-            let writer = self.inner.write().map_err(|_| poisoned())?.take().ok_or_else(committed)?;
+            let writer = self
+                .inner
+                .write()
+                .map_err(|_| poisoned())?
+                .take()
+                .ok_or_else(committed)?;
             writer.commit().map(drop).py_err()
         })
     }

@@ -21,10 +21,22 @@ pub fn compress(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
     compressor.compress(raw)
 }
 
-/// Checks a frame's header before anything is allocated for it: a frame that announces a
-/// content size other than `raw_length` is corrupt (its announced size is never trusted
-/// for an allocation). Frames that announce no size are checked while they decode.
+/// The first bytes of every (current, non-skippable) zstd frame.
+const ZSTD_MAGIC: [u8; 4] = 0xFD2F_B528u32.to_le_bytes();
+
+/// Checks a frame's header before anything is allocated for it: the bytes must start a
+/// current-format zstd frame (the library would also decode legacy formats, which no
+/// writer of ours produces), and a frame that announces a content size other than
+/// `raw_length` is corrupt (its announced size is never trusted for an allocation).
+/// Frames that announce no size are checked while they decode.
 pub fn check_frame_header(frame: &[u8], raw_length: u64, file: &Path, tensor: &str) -> Result<()> {
+    if !frame.starts_with(&ZSTD_MAGIC) {
+        return Err(StoreError::corrupt(
+            file,
+            tensor,
+            "the bytes do not start with a zstd frame header",
+        ));
+    }
     match zstd::zstd_safe::get_frame_content_size(frame) {
         Ok(Some(announced)) if announced != raw_length => Err(StoreError::corrupt(
             file,
@@ -41,8 +53,25 @@ pub fn check_frame_header(frame: &[u8], raw_length: u64, file: &Path, tensor: &s
 }
 
 /// Decodes one frame into `out`, which must hold exactly `raw_length` bytes. Never
-/// allocates more than that: a frame that decodes to any other size is corruption.
+/// allocates more than that: a frame that decodes to any other size is corruption, and so
+/// are bytes that are not exactly one frame (the decoder would take several frames in a
+/// row as one tensor, where `verify` reads only the first).
 pub fn decompress_into(frame: &[u8], out: &mut [u8], file: &Path, tensor: &str) -> Result<()> {
+    check_frame_header(frame, out.len() as u64, file, tensor)?;
+    match zstd::zstd_safe::find_frame_compressed_size(frame) {
+        Ok(end) if end == frame.len() => {}
+        Ok(end) => {
+            let detail = format!(
+                "the zstd frame ends after {end} of the {} bytes the index records",
+                frame.len()
+            );
+            return Err(StoreError::corrupt(file, tensor, detail));
+        }
+        Err(code) => {
+            let detail = format!("bad zstd frame: {}", zstd::zstd_safe::get_error_name(code));
+            return Err(StoreError::corrupt(file, tensor, detail));
+        }
+    }
     let mut decoder = zstd::bulk::Decompressor::new().map_err(|e| StoreError::io(file, e))?;
     let written = decoder
         .decompress_to_buffer(frame, out)

@@ -241,11 +241,12 @@ fn check_format_and_version(doc: &Value, source: &Path) -> Result<()> {
     if !doc.is_object() {
         return Err(StoreError::format(source, "the index is not a JSON object"));
     }
-    let format = doc.get("format").and_then(Value::as_str);
-    if format != Some(FORMAT_NAME) {
+    let format = doc.get("format");
+    if format.and_then(Value::as_str) != Some(FORMAT_NAME) {
+        let found = format.map_or_else(|| "(missing)".to_owned(), Value::to_string);
         return Err(StoreError::format(
             source,
-            format!("not a bigmodel store index: format is {format:?}, expected {FORMAT_NAME:?}"),
+            format!("not a bigmodel store index: format is {found}, expected {FORMAT_NAME:?}"),
         ));
     }
     match doc.get("version") {

@@ -119,12 +119,10 @@ struct RawTensor {
 }
 
 fn parse_json(json: &[u8], data_start: u64, file_len: u64, path: &Path) -> Result<Header> {
-    let not_an_object = |detail: String| {
-        StoreError::format(path, format!("the header is not a JSON object{detail}"))
-    };
-    let doc = match json::from_slice(json).map_err(|e| not_an_object(format!(": {e}")))? {
-        Value::Object(doc) => doc,
-        _ => return Err(not_an_object(String::new())),
+    let doc = json::from_slice(json)
+        .map_err(|e| StoreError::format(path, format!("the header is not valid JSON: {e}")))?;
+    let Value::Object(doc) = doc else {
+        return Err(StoreError::format(path, "the header is not a JSON object"));
     };
     let data_len = file_len - data_start;
     let mut metadata = BTreeMap::new();
@@ -351,7 +349,7 @@ mod tests {
             ),
             (entry("F32", "[-1]", "[0,4]"), "tensor \"t\""),
             ("[1,2]".to_owned(), "not a JSON object"),
-            ("{\"t\":".to_owned(), "not a JSON object"),
+            ("{\"t\":".to_owned(), "not valid JSON"),
             (r#"{"__metadata__":{"a":1}}"#.to_owned(), "__metadata__"),
             (
                 r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},

@@ -455,12 +455,16 @@ impl Core {
     }
 }
 
-/// Opens a file for `verify`; `None` when it is missing (its tensors fail verification).
+/// Opens a file for `verify`; `None` when it is missing or no longer a regular file (its
+/// tensors fail verification). Non-blocking: a FIFO in a file's place must not hang `verify`.
 fn open_for_verify(path: &Path) -> Result<Option<std::fs::File>> {
-    match std::fs::File::open(path) {
+    match crate::layout::open_regular(path, "a store data file") {
         Ok(file) => Ok(Some(file)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(StoreError::io(path, e)),
+        Err(StoreError::Format { .. }) => Ok(None),
+        Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 

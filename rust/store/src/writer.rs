@@ -379,7 +379,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn committed_index_is(dir: &Path, index: &Index) -> bool {
     let path = dir.join(INDEX_FILE);
-    fs::read(&path)
+    crate::index::read_index_file(&path, "an index file")
         .ok()
         .and_then(|bytes| Index::parse(&bytes, &path).ok())
         .is_some_and(|on_disk| on_disk == *index)

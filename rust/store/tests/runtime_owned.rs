@@ -41,7 +41,10 @@ fn mappings_of(file: &Path, address: usize) -> (Vec<u64>, bool) {
 
 fn assert_within_budget(stats: &Stats) {
     let limit = stats.budget.unwrap() + stats.pinned_bytes;
-    assert!(stats.resident_bytes <= limit, "over budget + pinned: {stats:?}");
+    assert!(
+        stats.resident_bytes <= limit,
+        "over budget + pinned: {stats:?}"
+    );
 }
 
 #[test]
@@ -64,7 +67,10 @@ fn every_kind_is_an_aligned_copy_outside_the_never_touched_mappings() {
             let (rss, inside) = mappings_of(&built.path(file), bytes.as_ptr() as usize);
             assert!(!inside, "{name} points into the mapping of {file}");
             // pread only: not one page of any mapping was brought in.
-            assert!(rss.iter().all(|&kib| kib == 0), "{file} mapped pages: {rss:?}");
+            assert!(
+                rss.iter().all(|&kib| kib == 0),
+                "{file} mapped pages: {rss:?}"
+            );
         }
     }
     // A second get of a resident tensor pins the same buffer: no second copy.
@@ -81,7 +87,10 @@ fn a_truncated_file_fails_reads_and_held_tensors_stay_readable() {
     let store = built.open(owned(None, 0));
     let held = store.get("held").unwrap();
     for file in [VIEW_FILE, BLOB_FILE] {
-        let file = OpenOptions::new().write(true).open(built.path(file)).unwrap();
+        let file = OpenOptions::new()
+            .write(true)
+            .open(built.path(file))
+            .unwrap();
         file.set_len(100).unwrap();
     }
     // A view would raise SIGBUS here; an owned copy does not depend on the file.
