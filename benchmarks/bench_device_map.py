@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -110,14 +113,30 @@ def main() -> None:
     if list(ours.items()) != list(theirs.items()):
         raise SystemExit("the device maps differ: the comparison would be meaningless")
 
-    medians = median_of_alternating(plans, repeats=args.repeats)
+    wall = median_of_alternating(plans, repeats=args.repeats)
+    cpu = median_cpu_times(plans, repeats=args.repeats)
     print(f"machine: {machine_description()}")
     devices = sorted(map(str, set(ours.values())))
     print(f"model: {n_modules} modules, {len(ours)} device-map entries, devices {devices}")
+    print(f"median of {args.repeats} alternating runs:   wall s    CPU s")
     for name in ("accelerate", "bigmodel"):
-        print(f"{name:>10} infer_auto_device_map: {medians[name]:.3f} s (median of {args.repeats})")
-    speedup = medians["accelerate"] / medians["bigmodel"]
-    print(f"speed-up: {speedup:.1f}x (maps identical)")
+        print(f"{name:>10} infer_auto_device_map: {wall[name]:7.3f}  {cpu[name]:7.3f}")
+    print(
+        f"speed-up (maps identical): {wall['accelerate'] / wall['bigmodel']:.1f}x wall, "
+        f"{cpu['accelerate'] / cpu['bigmodel']:.1f}x CPU"
+    )
+
+
+def median_cpu_times(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median CPU time of each case, run round-robin: steadier than wall time on a machine
+    that other processes load (both planners are single-threaded Python)."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, case in cases.items():
+            started = time.process_time()
+            case()
+            times[name].append(time.process_time() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _robustness import bits_equal
+from _robustness import bits_equal, run_in_child
 
 from bigmodel import _core
 from bigmodel.errors import IncompleteStoreError
@@ -200,3 +200,15 @@ def test_a_writer_dropped_without_commit_removes_its_files(tmp_path, stage):
     del writer
     assert {p.name for p in root.iterdir()} == before
     assert _holds(root, _content(0))
+
+
+def test_fifos_left_in_place_of_the_index_and_a_lock_do_not_hang_the_next_writer(tmp_path):
+    """Opening a FIFO for reading blocks until someone writes to it: the writer's clean-up
+    (which reads the committed index and probes dead writers' locks) must not."""
+    root = tmp_path / "store"
+    write_store(root, _content(0))
+    (root / _core.INDEX_FILE).unlink()
+    os.mkfifo(root / _core.INDEX_FILE)
+    os.mkfifo(root / ".tmp-0123456789abcdef.lock")
+    run_in_child(_write_with_the_binding, root, _content(1), timeout=30)
+    assert _holds(root, _content(1))

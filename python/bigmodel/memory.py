@@ -160,24 +160,25 @@ class ModelScan:
         # sized afterwards in one loop each (cheaper than a call per module).
         holding_parameters: list[tuple[str, bool, dict[str, torch.Tensor | None]]] = []
         holding_buffers: list[tuple[str, bool, dict[str, torch.Tensor | None]]] = []
+        add_path, add_module, children_of = self.paths.append, self.modules.append, self.children
         stack = [("", model)]
         while stack:
             entry = stack.pop()
             path, module = entry
-            self.paths.append(entry)
+            add_path(entry)
             attributes = module.__dict__  # one attribute lookup instead of three
             children = attributes["_modules"]
             if children:
                 prefix = f"{path}." if path else ""
                 listed = [(prefix + n, child) for n, child in children.items() if child is not None]
-                self.children[path] = listed
+                children_of[path] = listed
                 stack.extend(reversed(listed))
             # named_modules() skips a module met before, with its whole subtree (the modules
             # below it were all met before too, under their first names); so do the listings.
             first_visit = id(module) not in seen_modules
             if first_visit:
                 seen_modules.add(id(module))
-                self.modules.append(entry)
+                add_module(entry)
             if attributes["_parameters"]:
                 holding_parameters.append((path, first_visit, attributes["_parameters"]))
             if first_visit and attributes["_buffers"]:
@@ -211,10 +212,11 @@ class ModelScan:
                 if tensor is None:
                     continue
                 full_name = prefix + name
-                if not first_visit or id(tensor) in first_name_of:
+                key = id(tensor)
+                if not first_visit or key in first_name_of:
                     aliases.append((full_name, tensor))
                     continue
-                first_name_of[id(tensor)] = full_name
+                first_name_of[key] = full_name
                 element_size = per_element.get(tensor.dtype)
                 if element_size is None:
                     size = size_of(full_name, tensor)

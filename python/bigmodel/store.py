@@ -222,24 +222,32 @@ def write_store(
     plan = [_plan_row(name, dtype, shape, codec) for name, (dtype, shape) in shapes.items()]
     writer = _core.StoreWriter(os.fspath(path), plan, convert_file_size_to_int(shard_size))
     total = sum(_nbytes(dtype, shape) for dtype, shape in shapes.values())
-    with (
-        tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            desc="writing store",
-            disable=not progress or total < _PROGRESS_MIN_BYTES,
-        ) as bar,
-        ThreadPoolExecutor(max_workers=2) as pool,  # compression runs on both cores
-    ):
+    # A bar only when shown: even a disabled tqdm takes a lock that a forked, killed writer
+    # could leave held.
+    bar = (
+        tqdm(total=total, unit="B", unit_scale=True, desc="writing store")
+        if (progress and total >= _PROGRESS_MIN_BYTES)
+        else None
+    )
 
-        def write_one(name: str) -> None:
-            writer.write(name, _raw_bytes(name, tensors[name]))
+    def write_one(name: str) -> None:
+        writer.write(name, _raw_bytes(name, tensors[name]))
+        if bar is not None:
             bar.update(_nbytes(*shapes[name]))
 
-        for done in [pool.submit(write_one, name) for name in shapes]:
-            done.result()
-    writer.commit()
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:  # compression runs on both cores
+            for done in [pool.submit(write_one, name) for name in shapes]:
+                done.result()
+        writer.commit()
+    except BaseException:
+        # Dropping the writer now removes its temporary files (the traceback would keep it
+        # alive until the next garbage collection).
+        del writer
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def write_mount(path: str | os.PathLike, files: Iterable[str | os.PathLike]) -> None:

@@ -1,4 +1,4 @@
-//! Long runs of the stable mutation fuzzer over the store's parsers (see `fuzz/harness.rs`).
+//! Long runs of the stable mutation fuzzer over the store's parsers (see `fuzz/engine.rs`, `fuzz/targets.rs`).
 //!
 //! ```text
 //! cargo run --release -p bigmodel-store --example fuzz_store -- \
@@ -9,13 +9,16 @@
 //! Exits with status 1 when any input failed. `--write-seeds DIR` only writes each target's
 //! seed inputs to `DIR/<target>/` (a starting corpus for the libFuzzer targets in `fuzz/`).
 
-#[path = "../fuzz/harness.rs"]
-mod harness;
+#[path = "../fuzz/engine.rs"]
+mod engine;
+#[path = "../fuzz/targets.rs"]
+mod targets;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use harness::{all_targets, fuzz, printable, Budget};
+use engine::{fuzz, printable, Budget};
+use targets::all_targets;
 
 struct Args {
     target: String,

@@ -1,13 +1,16 @@
-//! A bounded run of the stable mutation fuzzer (`fuzz/harness.rs`) over every parser target:
-//! about a second each, from a fixed seed (set `BIGMODEL_FUZZ_SEED` to explore others).
-//! Long runs: `cargo run --release -p bigmodel-store --example fuzz_store -- --help`.
+//! A bounded run of the stable mutation fuzzer (`fuzz/engine.rs`, `fuzz/targets.rs`) over
+//! every target: about a second each, from a fixed seed (set `BIGMODEL_FUZZ_SEED` to explore
+//! others). Long runs: see `examples/fuzz_store.rs`.
 
-#[path = "../fuzz/harness.rs"]
-mod harness;
+#[path = "../fuzz/engine.rs"]
+mod engine;
+#[path = "../fuzz/targets.rs"]
+mod targets;
 
 use std::time::Duration;
 
-use harness::{all_targets, fuzz, printable, Budget, Target};
+use engine::{fuzz, printable, quietly, Budget, Target};
+use targets::{all_targets, built_header_round_trips};
 
 const PER_TARGET: Budget = Budget {
     executions: 200_000,
@@ -94,7 +97,7 @@ fn seeds_reach_the_deep_paths() {
     for target in all_targets() {
         for seed in target.seeds() {
             assert_eq!(
-                harness::quietly(|| target.run(&seed)),
+                quietly(|| target.run(&seed)),
                 Ok("valid".to_owned()),
                 "{}: seed {}",
                 target.name(),
@@ -102,5 +105,5 @@ fn seeds_reach_the_deep_paths() {
             );
         }
     }
-    harness::built_header_round_trips().unwrap();
+    built_header_round_trips().unwrap();
 }

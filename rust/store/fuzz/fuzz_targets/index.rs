@@ -1,13 +1,16 @@
 //! libFuzzer target: the store index (parse, validate against a real store, serve, read).
 #![no_main]
 
-#[path = "../harness.rs"]
-mod harness;
+#[path = "../engine.rs"]
+mod engine;
+#[path = "../targets.rs"]
+mod targets;
 
 use std::sync::OnceLock;
 
-use harness::{IndexTarget, Target};
+use engine::Target;
 use libfuzzer_sys::fuzz_target;
+use targets::IndexTarget;
 
 // Built once: it writes the fixture store the fuzzed indexes are validated against.
 static TARGET: OnceLock<IndexTarget> = OnceLock::new();

@@ -1,13 +1,16 @@
 //! libFuzzer target: the safetensors header parser (our shards and mounted checkpoints).
 #![no_main]
 
-#[path = "../harness.rs"]
-mod harness;
+#[path = "../engine.rs"]
+mod engine;
+#[path = "../targets.rs"]
+mod targets;
 
 use std::sync::OnceLock;
 
-use harness::{HeaderTarget, Target};
+use engine::Target;
 use libfuzzer_sys::fuzz_target;
+use targets::HeaderTarget;
 
 static TARGET: OnceLock<HeaderTarget> = OnceLock::new();
 
