@@ -3,7 +3,7 @@
 Random module trees (nested Sequential/ModuleDict of Linear/LayerNorm/Embedding/BatchNorm and
 custom blocks with their own parameters and buffers, mixed dtypes, on meta), random tied
 parameters, budgets, dtypes and no-split classes. Where bigmodel deliberately differs
-(docs/compat-planning.md), the test asserts the documented difference.
+(docs/compatibility.md), the test asserts the documented difference.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ offloading, keeps the module's weights as ``meta`` placeholders between forwards
 them from a weights map (a `TensorStore`-backed `StoreWeightsMap` in bigmodel's own paths)
 just before the forward and dropping them right after.
 
-Differences from accelerate (see docs/compat-hooks.md): a failing forward (exception or
+Differences from accelerate (see docs/compatibility.md): a failing forward (exception or
 KeyboardInterrupt) drops the weights it loaded; a tensor that is already resident on the
 execution device (a tie with a resident module) is used in place and stays tied; an
 onloaded parameter that requires grad refuses to be trained; `has_offloaded_params` sees

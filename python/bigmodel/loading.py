@@ -11,7 +11,7 @@ meta model, then:
   matches is a zero-copy view of the checkpoint file;
 - ``dispatch_model`` then serves the offloaded modules from that store.
 
-Differences from accelerate are listed in ``docs/compat-loading.md``.
+Differences from accelerate are listed in ``docs/compatibility.md``.
 """
 
 from __future__ import annotations
