@@ -37,6 +37,9 @@ CASES = [
     ("cpu", True),
 ]
 LIBS = ("bigmodel", "accelerate")
+# Which forward is reported: warm, the second one; cold, the first after the page cache was
+# emptied (later forwards of bigmodel are served by pages its cache still maps).
+_FORWARD = {False: "forward_s", True: "first_forward_s"}
 
 
 def run_worker(lib: str, scenario: str, cold: bool, checkpoint: Path) -> dict:
@@ -106,6 +109,10 @@ def _medians(runs: dict) -> dict:
     return summary
 
 
+def _forward_text(lib, scenario: str, cold: bool) -> str:
+    return f"{lib(scenario, cold)[_FORWARD[cold]]:.2f} s"
+
+
 def _row(name, ours, theirs, goal, met) -> str:
     return f"| {name} | {theirs} | {ours} | {goal} | {'yes' if met else 'NO'} |"
 
@@ -134,23 +141,22 @@ def table(inram: dict, m: dict, rate: float) -> list[str]:
 
 def _forward_rows(compute, a, b, floor, step_floor) -> list[str]:
     rows = []
-    fwd = lambda lib, s, c: f"{lib(s, c)['forward_s']:.2f} s"  # noqa: E731
     ratio = b("disk", False)["forward_s"] / compute["forward_s"]
     rows.append(
         _row(
             "all layers on disk: forward warm",
-            f"{fwd(b, 'disk', False)} ({ratio:.2f}x in-RAM {compute['forward_s']:.2f} s)",
-            fwd(a, "disk", False),
+            f"{_forward_text(b, 'disk', False)} ({ratio:.2f}x in-RAM {compute['forward_s']:.2f} s)",
+            _forward_text(a, "disk", False),
             "<= 1.10x in-RAM",
             ratio <= 1.10,
         )
     )
-    ratio = b("disk", True)["forward_s"] / floor("disk")
+    ratio = b("disk", True)["first_forward_s"] / floor("disk")
     rows.append(
         _row(
             "all layers on disk: forward cold",
-            f"{fwd(b, 'disk', True)} ({ratio:.2f}x floor {floor('disk'):.2f} s)",
-            fwd(a, "disk", True),
+            f"{_forward_text(b, 'disk', True)} ({ratio:.2f}x floor {floor('disk'):.2f} s)",
+            _forward_text(a, "disk", True),
             "<= 1.10x floor",
             ratio <= 1.10,
         )
@@ -202,12 +208,12 @@ def _budget_rows(a, b, floor) -> list[str]:
             speedup >= 1.5,
         )
     )
-    ratio = b("budget", True)["forward_s"] / floor("budget")
+    ratio = b("budget", True)["first_forward_s"] / floor("budget")
     rows.append(
         _row(
             "600MB budget: forward cold",
-            f"{b('budget', True)['forward_s']:.2f} s ({ratio:.2f}x floor {floor('budget'):.2f} s)",
-            f"{a('budget', True)['forward_s']:.2f} s",
+            f"{_forward_text(b, 'budget', True)} ({ratio:.2f}x floor {floor('budget'):.2f} s)",
+            _forward_text(a, "budget", True),
             "<= 1.10x floor",
             ratio <= 1.10,
         )
