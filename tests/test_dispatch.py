@@ -13,6 +13,7 @@ import os
 import accelerate
 import pytest
 import torch
+from _models import ModelForTest, UsesSubmoduleWeights
 from safetensors.torch import save_file
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -37,26 +38,6 @@ from bigmodel.store import TensorStore, write_mount, write_store
 
 META = torch.device("meta")
 CPU = torch.device("cpu")
-
-
-class ModelForTest(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear1 = nn.Linear(3, 4)
-        self.batchnorm = nn.BatchNorm1d(4)
-        self.linear2 = nn.Linear(4, 5)
-
-    def forward(self, x):
-        return self.linear2(self.batchnorm(self.linear1(x)))
-
-
-class UsesSubmoduleWeights(nn.Module):
-    def __init__(self, size_in, size_out):
-        super().__init__()
-        self.linear = nn.Linear(size_in, size_out)
-
-    def forward(self, x):
-        return x @ self.linear.weight.t() + self.linear.bias
 
 
 class ModelWithUnusedSubModules(nn.Module):

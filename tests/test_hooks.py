@@ -10,6 +10,7 @@ import accelerate.hooks as acc_hooks
 import accelerate.utils.operations as acc_operations
 import pytest
 import torch
+from _models import ModelForTest, UsesSubmoduleWeights
 from torch import nn
 from torch.fx import symbolic_trace
 
@@ -38,26 +39,8 @@ META = torch.device("meta")
 CPU = torch.device("cpu")
 
 
-class ModelForTest(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear1 = nn.Linear(3, 4)
-        self.batchnorm = nn.BatchNorm1d(4)
-        self.linear2 = nn.Linear(4, 5)
-
-    def forward(self, x):
-        return self.linear2(self.batchnorm(self.linear1(x)))
-
-
-class Block(nn.Module):
-    """Uses its submodule's weights without calling it (what preload_module_classes is for)."""
-
-    def __init__(self, size_in, size_out):
-        super().__init__()
-        self.linear = nn.Linear(size_in, size_out)
-
-    def forward(self, x):
-        return x @ self.linear.weight.t() + self.linear.bias
+class Block(UsesSubmoduleWeights):
+    """A preloadable block (preload_module_classes matches the class name)."""
 
 
 class Nested(nn.Module):
