@@ -155,6 +155,20 @@ def test_mount_serves_safetensors_files_in_place(tmp_path):
         assert store.files()[0]["mounted"]
 
 
+def test_lazy_views_after_will_need_hold_the_file_bytes(tmp_path):
+    tensors = {f"layer.{i}": _random(torch.float32, (256, 64), seed=i) for i in range(4)}
+    file = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(tensors, file)
+    reference = safetensors.torch.load_file(file)
+    with TensorStore.mount([file], max_resident=0, populate_views=False) as store:
+        store.will_need(tensors)
+        assert store.stats()["bytes_read"] == 0
+        for name in tensors:
+            assert _bits_equal(store[name], reference[name])
+        with pytest.raises(TensorNotFoundError, match="nope"):
+            store.will_need(["layer.0", "nope"])
+
+
 def test_write_mount_commits_an_index_only(tmp_path):
     tensors = {"a": torch.randn(64, 64), "b": torch.randn(10)}
     file = tmp_path / "model.safetensors"

@@ -227,6 +227,17 @@ class _CheckpointReader:
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._sources[self.catalog[name].file][name]
 
+    def will_need(self, names: Iterable[str]) -> None:
+        """Starts the disk reading the mounted tensors among ``names``, so loading them one by
+        one never waits for a read that could have been queued."""
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.catalog[name].file, []).append(name)
+        for path, file_names in by_file.items():
+            source = self._sources[path]
+            if isinstance(source, TensorStore):
+                source.will_need(file_names)
+
     def close(self) -> None:
         """Releases the files; tensors already handed out stay valid."""
         for source in self._sources.values():
@@ -240,7 +251,9 @@ def _open_lazily(path: str) -> Mapping[str, torch.Tensor]:
         _check_safetensors_format(path)
         # No cache budget: a tensor that was cast (or offloaded) gives its pages back as soon
         # as it is dropped; tensors kept as zero-copy weights stay pinned by their owners.
-        return TensorStore.mount([path], max_resident=0)
+        # Views are not populated: `_load_resident` starts the disk reading every resident
+        # tensor, and the first forward overlaps its compute with the tail of those reads.
+        return TensorStore.mount([path], max_resident=0, populate_views=False)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # files from the legacy (non-zip) torch.save format cannot be mapped
@@ -512,6 +525,7 @@ def _load_resident(model, plan: _LoadPlan, reader: _CheckpointReader, in_place: 
         if route.device != "disk" and route.source is not None
     ]
     resident.sort(key=lambda item: position[item[1].source])
+    reader.will_need(route.source for _, route in resident)
     for name, route in resident:
         value = reader[route.source]
         current = _model_tensor(model, name)

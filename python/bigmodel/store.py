@@ -81,6 +81,7 @@ class TensorStore(Mapping[str, torch.Tensor]):
         read_threads: int = 2,
         verify_reads: bool = False,
         zero_copy: bool = True,
+        populate_views: bool = True,
     ) -> TensorStore:
         """Opens the store committed in directory ``path``, validating its whole index first.
 
@@ -94,6 +95,10 @@ class TensorStore(Mapping[str, torch.Tensor]):
         open fails a read with an error instead of crashing the process (SIGBUS) when a view
         is touched. Either way in-place changes never reach the files; they last until the
         tensor is evicted from the cache.
+
+        ``populate_views=False`` hands out zero-copy views without faulting their pages in:
+        the first touch reads them. With :meth:`will_need`, a whole model's views can be
+        handed out at once and the disk streams them in while the model computes.
         """
         core = _core.Store.open(
             os.fspath(path),
@@ -101,6 +106,7 @@ class TensorStore(Mapping[str, torch.Tensor]):
             read_threads,
             verify_reads,
             zero_copy=zero_copy,
+            populate_views=populate_views,
         )
         return cls(core, os.fspath(path))
 
@@ -113,18 +119,24 @@ class TensorStore(Mapping[str, torch.Tensor]):
         read_threads: int = 2,
         verify_reads: bool = False,
         zero_copy: bool = True,
+        populate_views: bool = True,
     ) -> TensorStore:
         """Serves existing files in place, writing nothing.
 
         ``files`` is a list of safetensors files, or the path of an accelerate offload folder
         (``index.json`` plus one ``.dat`` file per tensor). The options are those of
-        :meth:`open`; with ``zero_copy=False`` tensors are read into memory of their own.
+        :meth:`open`.
         """
         budget = _byte_budget(max_resident)
         if isinstance(files, str | os.PathLike) and Path(files).is_dir():
             folder = os.fspath(files)
             core = _core.Store.mount_offload_folder(
-                folder, budget, read_threads, verify_reads, zero_copy=zero_copy
+                folder,
+                budget,
+                read_threads,
+                verify_reads,
+                zero_copy=zero_copy,
+                populate_views=populate_views,
             )
             return cls(core, folder)
         paths = (
@@ -133,7 +145,12 @@ class TensorStore(Mapping[str, torch.Tensor]):
             else list(map(os.fspath, files))
         )
         core = _core.Store.mount_safetensors(
-            paths, budget, read_threads, verify_reads, zero_copy=zero_copy
+            paths,
+            budget,
+            read_threads,
+            verify_reads,
+            zero_copy=zero_copy,
+            populate_views=populate_views,
         )
         return cls(core, ", ".join(paths))
 
@@ -159,6 +176,12 @@ class TensorStore(Mapping[str, torch.Tensor]):
     def prefetch(self, names: Iterable[str]) -> None:
         """Starts background reads of ``names`` and returns at once."""
         self._core.prefetch(list(names))
+
+    def will_need(self, names: Iterable[str]) -> None:
+        """Asks the kernel to start reading ``names`` from disk (page-cache readahead) and
+        returns at once; nothing is pinned or counted against the budget. Call it before
+        reading many tensors one after the other, so the disk never waits on the reader."""
+        self._core.will_need(list(names))
 
     def info(self, name: str) -> dict:
         """dtype, shape, nbytes, stored_nbytes, file and codec of ``name`` (without reading it)."""

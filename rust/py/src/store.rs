@@ -34,12 +34,14 @@ fn options(
     read_threads: usize,
     verify_reads: bool,
     zero_copy: bool,
+    populate_views: bool,
 ) -> StoreOptions {
     StoreOptions {
         max_resident,
         read_threads,
         verify_reads,
         zero_copy,
+        populate_views,
     }
 }
 
@@ -48,7 +50,7 @@ impl Store {
     /// Opens the committed store in directory `path` (validating every index entry).
     /// `zero_copy=False` reads every tensor into an owned buffer instead of mapping it.
     #[staticmethod]
-    #[pyo3(signature = (path, max_resident=None, read_threads=2, verify_reads=false, zero_copy=true))]
+    #[pyo3(signature = (path, max_resident=None, read_threads=2, verify_reads=false, zero_copy=true, populate_views=true))]
     fn open(
         py: Python<'_>,
         path: PathBuf,
@@ -56,15 +58,16 @@ impl Store {
         read_threads: usize,
         verify_reads: bool,
         zero_copy: bool,
+        populate_views: bool,
     ) -> PyResult<Store> {
-        let opts = options(max_resident, read_threads, verify_reads, zero_copy);
+        let opts = options(max_resident, read_threads, verify_reads, zero_copy, populate_views);
         let inner = py.detach(|| CoreStore::open(&path, opts)).py_err()?;
         Ok(Store { inner, root: path })
     }
 
     /// Serves existing safetensors files in place (nothing is copied or written).
     #[staticmethod]
-    #[pyo3(signature = (files, max_resident=None, read_threads=2, verify_reads=false, zero_copy=true))]
+    #[pyo3(signature = (files, max_resident=None, read_threads=2, verify_reads=false, zero_copy=true, populate_views=true))]
     fn mount_safetensors(
         py: Python<'_>,
         files: Vec<PathBuf>,
@@ -72,8 +75,9 @@ impl Store {
         read_threads: usize,
         verify_reads: bool,
         zero_copy: bool,
+        populate_views: bool,
     ) -> PyResult<Store> {
-        let opts = options(max_resident, read_threads, verify_reads, zero_copy);
+        let opts = options(max_resident, read_threads, verify_reads, zero_copy, populate_views);
         let root = files
             .first()
             .and_then(|f| f.parent())
@@ -90,7 +94,7 @@ impl Store {
 
     /// Serves an accelerate offload folder (`index.json` + `.dat` files) in place.
     #[staticmethod]
-    #[pyo3(signature = (folder, max_resident=None, read_threads=2, verify_reads=false, zero_copy=true))]
+    #[pyo3(signature = (folder, max_resident=None, read_threads=2, verify_reads=false, zero_copy=true, populate_views=true))]
     fn mount_offload_folder(
         py: Python<'_>,
         folder: PathBuf,
@@ -98,8 +102,9 @@ impl Store {
         read_threads: usize,
         verify_reads: bool,
         zero_copy: bool,
+        populate_views: bool,
     ) -> PyResult<Store> {
-        let opts = options(max_resident, read_threads, verify_reads, zero_copy);
+        let opts = options(max_resident, read_threads, verify_reads, zero_copy, populate_views);
         let inner = py
             .detach(|| {
                 let index = mount::mount_offload_folder(&folder)?;
@@ -154,6 +159,11 @@ impl Store {
     fn prefetch(&self, py: Python<'_>, names: Vec<String>) -> PyResult<()> {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         py.detach(|| self.inner.prefetch(&names)).py_err()
+    }
+
+    fn will_need(&self, py: Python<'_>, names: Vec<String>) -> PyResult<()> {
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        py.detach(|| self.inner.will_need(&names)).py_err()
     }
 
     /// Names of the tensors whose bytes do not match their recorded checksum.

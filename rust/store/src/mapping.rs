@@ -155,6 +155,20 @@ impl FileMap {
         }
     }
 
+    /// Starts asynchronous readahead of the pages of `[offset, offset + len)`. Advice only:
+    /// a failure (or a range past the end) changes nothing that a later read would not see.
+    pub fn will_need(&self, offset: u64, len: u64) {
+        let start = offset as usize / page_size() * page_size();
+        let end = offset.saturating_add(len).min(self.map.len() as u64) as usize;
+        if end > start {
+            let _ = madvise(
+                self.map.as_ptr() as usize + start,
+                end - start,
+                libc::MADV_WILLNEED,
+            );
+        }
+    }
+
     /// Gives back the pages lying entirely inside `[offset, offset + len)`. Pages shared with
     /// a neighbouring tensor are kept, so a live neighbour never loses (or re-reads) a byte.
     /// Dropped clean pages are re-read from the file on the next touch.
@@ -240,6 +254,8 @@ pub(crate) struct ReadMode {
     /// Serve the tensors that can be views (see [`is_view`]) as views of the mapping; when
     /// false, every tensor is read into an owned buffer and no mapping is ever touched.
     pub zero_copy: bool,
+    /// Fault a view's pages in when it is read (else on first touch).
+    pub populate_views: bool,
     /// Check every tensor's checksum when it is read.
     pub verify: bool,
 }
@@ -261,7 +277,9 @@ pub(crate) fn load(
 ) -> Result<Loaded> {
     map.check_unchanged(&entry.name)?;
     let loaded = if mode.serves_view(entry) {
-        map.populate(entry.offset, entry.length, &entry.name)?;
+        if mode.populate_views {
+            map.populate(entry.offset, entry.length, &entry.name)?;
+        }
         let (offset, len) = (entry.offset, entry.length);
         Loaded::View {
             map: Arc::clone(map),
@@ -477,7 +495,7 @@ impl io::Read for RangeReader<'_> {
 fn madvise(address: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
     loop {
         // SAFETY: callers pass page-aligned ranges inside a live mapping they own; the advice
-        // values used (POPULATE_READ, DONTNEED on a private file mapping) never make memory
+        // values used (POPULATE_READ, WILLNEED, DONTNEED on a private file mapping) never make memory
         // invalid, only absent-until-refaulted.
         let rc = unsafe { libc::madvise(address as *mut libc::c_void, len, advice) };
         if rc == 0 {

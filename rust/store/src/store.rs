@@ -38,6 +38,11 @@ pub struct StoreOptions {
     /// buffer that is nowhere else, and the mappings are never touched: a file truncated
     /// under the store then fails a read (`Corrupt`) instead of raising SIGBUS in a tensor.
     pub zero_copy: bool,
+    /// Fault a view's pages in when it is read, so `get` pays for the read and the cache's
+    /// resident bytes are true. False leaves the pages to fault in on first touch: with
+    /// [`Store::will_need`], a caller can hand out a whole model's views at once and let
+    /// the disk stream them in while it computes.
+    pub populate_views: bool,
 }
 
 impl Default for StoreOptions {
@@ -47,6 +52,7 @@ impl Default for StoreOptions {
             read_threads: 2,
             verify_reads: false,
             zero_copy: true,
+            populate_views: true,
         }
     }
 }
@@ -133,6 +139,24 @@ impl Store {
             .map(|name| self.slot(name))
             .collect::<Result<Vec<u32>>>()?;
         self.runtime()?.prefetch(&slots);
+        Ok(())
+    }
+
+    /// Asks the kernel to start reading `names`' bytes into the page cache (asynchronous
+    /// readahead of the mapped ranges) and returns at once; nothing enters the cache. Lets a
+    /// caller that will `get` many tensors in a row keep the disk busy in between.
+    pub fn will_need(&self, names: &[&str]) -> Result<()> {
+        let slots = names
+            .iter()
+            .map(|name| self.slot(name))
+            .collect::<Result<Vec<u32>>>()?;
+        let core = &self.runtime()?.core;
+        for slot in slots {
+            let entry = &core.index.tensors[slot as usize];
+            core.files
+                .open(entry.file, &entry.name)?
+                .will_need(entry.offset, entry.length);
+        }
         Ok(())
     }
 
@@ -285,6 +309,7 @@ impl Runtime {
             cache: Cache::new(index.tensors.len(), options.max_resident),
             mode: ReadMode {
                 zero_copy: options.zero_copy,
+                populate_views: options.populate_views,
                 verify: options.verify_reads,
             },
             epoch: fork_epoch(),

@@ -45,6 +45,53 @@ fn uncompressed_tensors_are_views_of_the_file_mapping() {
     }
 }
 
+/// Resident bytes (`Rss` in `/proc/self/smaps`) of the mapping of `file` containing `address`.
+fn resident_bytes_of_mapping(address: usize, file: &Path) -> usize {
+    let (start, _, _) = mapping_containing(address, file).expect("a mapping of the file");
+    let smaps = fs::read_to_string("/proc/self/smaps").unwrap();
+    let header = format!("{start:x}-");
+    let block = smaps
+        .split_inclusive('\n')
+        .skip_while(|line| !line.starts_with(&header))
+        .find(|line| line.starts_with("Rss:"))
+        .expect("an Rss line for the mapping");
+    let kib: usize = block.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+#[test]
+fn views_are_populated_on_get_unless_told_otherwise() {
+    const SIZE: usize = 4 << 20;
+    for populate_views in [true, false] {
+        let built = build(&[Spec("a", SIZE, Kind::View)]);
+        let store = built.open(StoreOptions {
+            populate_views,
+            ..StoreOptions::default()
+        });
+        store.will_need(&["a"]).unwrap();
+        let bytes = store.get("a").unwrap();
+        let resident = resident_bytes_of_mapping(bytes.as_ptr() as usize, &built.path(VIEW_FILE));
+        if populate_views {
+            assert!(resident >= SIZE, "populated: {resident} bytes resident");
+        } else {
+            assert!(resident < SIZE / 4, "lazy: {resident} bytes resident");
+        }
+        assert_bytes(&store, &built, "a"); // a lazy view faults in the file's bytes
+    }
+}
+
+#[test]
+fn will_need_checks_names_and_reads_nothing_into_the_cache() {
+    let built = build(&[Spec("a", 1000, Kind::View), Spec("z", 1000, Kind::Zstd)]);
+    let store = built.open(StoreOptions::default());
+    store.will_need(&["a", "z"]).unwrap();
+    assert_eq!(store.stats().bytes_read, 0);
+    assert!(matches!(
+        store.will_need(&["a", "nope"]),
+        Err(StoreError::NotFound { name, .. }) if name == "nope"
+    ));
+}
+
 #[test]
 fn compressed_and_misaligned_tensors_are_aligned_owned_copies() {
     let built = build(&[

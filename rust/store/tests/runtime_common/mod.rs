@@ -145,8 +145,8 @@ pub fn budget(bytes: u64, read_threads: usize) -> StoreOptions {
     StoreOptions {
         max_resident: Some(bytes),
         read_threads,
-        verify_reads: false,
         zero_copy: true,
+        ..StoreOptions::default()
     }
 }
 
