@@ -58,11 +58,15 @@ SUPPORTED_PYTORCH_LAYERS_FOR_UPCASTING = (
 
 
 def _not_compiled(method):
-    """`torch.compiler.disable`, applied on first call: importing dynamo at import time costs
-    seconds, and tracing a hook's device bookkeeping would only cause graph breaks."""
+    """`torch.compiler.disable` while dynamo traces (tracing a hook's device bookkeeping would
+    only cause graph breaks), built on first need: importing dynamo at import time costs
+    seconds. Eager calls go straight to ``method``: the hooks run hundreds of times a
+    forward, and the disable wrapper's frame switching would be paid on each."""
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            return method(*args, **kwargs)
         compiled = getattr(wrapper, "_disabled", None)
         if compiled is None:
             compiled = wrapper._disabled = torch.compiler.disable(method)
@@ -425,7 +429,8 @@ class AlignDevicesHook(ModelHook):
 
     def _onload(self, module: nn.Module, name: str) -> None:
         """Fetches one weight from the weights map onto the execution device."""
-        current = _tensor(module, name)
+        owner, leaf = _owner(module, name)
+        current = getattr(owner, leaf)
         if _is_on(current, self.execution_device):
             # Already resident (a tie with a resident module, or an enclosing forward of
             # this module loaded it): use it in place, which keeps the tie intact.
@@ -433,6 +438,9 @@ class AlignDevicesHook(ModelHook):
         onload = self._onloads[-1]
         onload.replaced[name] = current
         value = self.weights_map[name]
+        if self._swap_in_place(owner, leaf, name, current, value):
+            self._refuse_training(module, name)
+            return
         pointer = value.data_ptr()
         reused = False
         if self.tied_params_map is not None:
@@ -454,6 +462,26 @@ class AlignDevicesHook(ModelHook):
         )
         if not reused:  # a reused copy belongs to whoever created it
             self._refuse_training(module, name)
+
+    def _swap_in_place(self, owner: nn.Module, leaf: str, name: str, current, value) -> bool:
+        """Installs ``value`` as ``owner.<leaf>`` in the common case, without the general
+        machinery of `set_module_tensor_to_device` (this runs for every weight of every
+        forward): a plain parameter whose fetched value already has its device, dtype and
+        shape, and is not tied. Returns False, changing nothing, in any other case."""
+        if (
+            type(current) is not nn.Parameter
+            or value.dtype != current.dtype
+            or value.shape != current.shape
+            or not _is_on(value, self.execution_device)
+            or name in self.tied_params_names
+            or (self.tied_params_map and value.data_ptr() in self.tied_params_map)
+        ):
+            return False
+        parameter = nn.Parameter(value, requires_grad=current.requires_grad)
+        if hasattr(current, "_is_hf_initialized"):  # transformers' loaded-weight flag
+            parameter._is_hf_initialized = current._is_hf_initialized
+        owner._parameters[leaf] = parameter
+        return True
 
     def _maybe_get_fp16_statistics(self, name: str, value: torch.Tensor | None):
         # bitsandbytes int8 weights keep their scales in a separate "SCB" entry.

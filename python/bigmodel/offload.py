@@ -96,14 +96,19 @@ class StoreWeightsMap(Mapping[str, torch.Tensor]):
 
     def prefetch(self, names: Iterable[str]) -> None:
         """Starts background reads of the store-served ``names``; returns at once."""
+        for store, keys in self.store_keys(names):
+            store.prefetch(keys)
+
+    def store_keys(self, names: Iterable[str]) -> list[tuple[Mapping, list[str]]]:
+        """``(store, keys)`` for the store-served ``names`` that can be read ahead, grouped by
+        store in first-seen order; names held in RAM are left out."""
         keys_by_store: dict[int, tuple[Mapping, list[str]]] = {}
         for name in names:
             source = self.sources.get(name)
             if source is None or not hasattr(source.store, "prefetch"):
                 continue  # in RAM already, or a store that cannot read ahead
             keys_by_store.setdefault(id(source.store), (source.store, []))[1].append(source.key)
-        for store, keys in keys_by_store.values():
-            store.prefetch(keys)
+        return list(keys_by_store.values())
 
 
 # --------------------------------------------------------------------------------------

@@ -55,9 +55,12 @@ class ForwardOrderPrefetcher:
         if position is None:  # a module on a code path never seen before
             self._set_order([*self._order, (hook, _fetched_bytes(module, hook))])
             return
-        source, keys = self._plans[position]
-        if keys:
-            source.prefetch(keys)
+        # In order, the window only moved by one module: request what entered it (and the
+        # next module again, in case its earlier request was dropped). After a jump, all of it.
+        in_order = position == (self._last + 1) % len(self._order)
+        self._last = position
+        for store, keys in self._plans[position][0 if in_order else 1]:
+            store.prefetch(keys)
 
     def _record(self, module: nn.Module, hook: AlignDevicesHook) -> None:
         """Appends to the first forward's order; a module running again ends the recording
@@ -73,26 +76,53 @@ class ForwardOrderPrefetcher:
     def _set_order(self, order: list[_Step]) -> None:
         self._order = order
         self._position = {id(hook): i for i, (hook, _) in enumerate(order)}
-        self._plans = [self._keys_after(i) for i in range(len(order))]
+        self._last = -1
+        windows = [self._window_after(i) for i in range(len(order))]
+        self._plans = [
+            (
+                self._store_keys([windows[i][0], *_after(windows[i], windows[i - 1])]),
+                self._store_keys(windows[i]),
+            )
+            for i in range(len(order))
+        ]
 
-    def _keys_after(self, position: int) -> tuple[Mapping | None, list[str]]:
-        """The keys of the modules that follow ``position`` (wrapping around: the next
-        forward starts again at the top), up to ``lookahead_bytes``."""
-        keys: list[str] = []
-        ahead = 0
-        source = None
+    def _window_after(self, position: int) -> list[int]:
+        """The positions of the modules that follow ``position`` (wrapping around: the next
+        forward starts again at the top), up to ``lookahead_bytes`` (at least one)."""
         count = len(self._order)
+        window: list[int] = []
+        ahead = 0
         for step in range(1, count):
-            hook, nbytes = self._order[(position + step) % count]
-            if source is None:
-                source = hook.source_map
-            if hook.source_map is not source:
-                continue  # one prefetch call goes to one weights map
-            keys.extend(hook.source_keys())
-            ahead += nbytes
+            window.append((position + step) % count)
+            ahead += self._order[window[-1]][1]
             if ahead >= self.lookahead_bytes:
                 break
-        return source, keys
+        return window
+
+    def _store_keys(self, positions: list[int]) -> list[tuple[Mapping, list[str]]]:
+        """The store reads that fetch the weights of the modules at ``positions``, grouped
+        by store, resolved once here so a forward only hands ready lists to the stores."""
+        by_store: dict[int, tuple[Mapping, list[str]]] = {}
+        for position in dict.fromkeys(positions):
+            hook = self._order[position][0]
+            for store, keys in _resolve(hook.source_map, hook.source_keys()):
+                by_store.setdefault(id(store), (store, []))[1].extend(keys)
+        return list(by_store.values())
+
+
+def _after(window: list[int], previous: list[int]) -> list[int]:
+    """The positions of ``window`` that ``previous`` did not hold."""
+    held = set(previous)
+    return [position for position in window if position not in held]
+
+
+def _resolve(source: Mapping | None, keys: list[str]) -> list[tuple[Mapping, list[str]]]:
+    """Which ``prefetch`` to call with which keys so ``source[key]`` is read ahead: a
+    store-backed weights map names its stores; any other source reads ahead itself."""
+    resolve = getattr(source, "store_keys", None)
+    if resolve is not None:
+        return resolve(keys)
+    return [(source, keys)] if callable(getattr(source, "prefetch", None)) else []
 
 
 def _fetched_bytes(module: nn.Module, hook: AlignDevicesHook) -> int:

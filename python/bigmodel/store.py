@@ -160,9 +160,8 @@ class TensorStore(Mapping[str, torch.Tensor]):
             raise TensorNotFoundError(f"tensor {name!r} is not in the store {self.location}")
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=entry.dtype)
-        # The uint8 array keeps the pinned bytes alive; the views below share its memory.
-        raw = torch.from_numpy(np.asarray(self._core.get(name)))
-        return raw.view(entry.dtype).view(entry.shape)
+        # The tensor holds the buffer, which keeps the pinned bytes alive.
+        return torch.frombuffer(self._core.get(name), dtype=entry.dtype).view(entry.shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
