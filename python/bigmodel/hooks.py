@@ -422,9 +422,12 @@ class AlignDevicesHook(ModelHook):
             raise
 
     def _send_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        device = self.execution_device
+        if isinstance(device, str | int):  # parsed once, not by every `.to`
+            device = torch.device(device)
         return (
-            send_to_device(args, self.execution_device),
-            send_to_device(kwargs, self.execution_device, skip_keys=self.skip_keys),
+            send_to_device(args, device),
+            send_to_device(kwargs, device, skip_keys=self.skip_keys),
         )
 
     def _onload(self, module: nn.Module, name: str) -> None:
@@ -495,8 +498,10 @@ class AlignDevicesHook(ModelHook):
     def _refuse_training(self, module: nn.Module, name: str) -> None:
         """Makes backward fail loudly on an onloaded parameter: it is a copy that is dropped
         after the forward, so an optimizer step could never update the offloaded weight."""
+        if not torch.is_grad_enabled():  # first: inference pays nothing more
+            return
         parameter = _tensor(module, name)
-        if not (torch.is_grad_enabled() and parameter.requires_grad):
+        if not parameter.requires_grad:
             return
         if self.module_name:
             full_name = f"{self.module_name}.{name}"
@@ -577,6 +582,8 @@ def _strip_prefixes(weights_map: Mapping | None) -> tuple[Mapping | None, str]:
 
 
 def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    if "." not in name:  # a direct tensor: the hooks' common case
+        return module, name
     *path, leaf = name.split(".")
     for part in path:
         module = getattr(module, part)

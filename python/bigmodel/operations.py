@@ -31,6 +31,8 @@ def send_to_device(
     Lists and tuples keep their type (named tuples included); mappings are rebuilt with
     ``type(mapping)(...)``.
     """
+    if isinstance(tensor, torch.Tensor) and tensor.device == device:
+        return tensor  # the hooks' common case, without parsing `.to`'s arguments
     if isinstance(tensor, torch.Tensor) or hasattr(tensor, "to"):
         try:
             return tensor.to(device, non_blocking=non_blocking)

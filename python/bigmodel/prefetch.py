@@ -55,8 +55,8 @@ class ForwardOrderPrefetcher:
         if position is None:  # a module on a code path never seen before
             self._set_order([*self._order, (hook, _fetched_bytes(module, hook))])
             return
-        # In order, the window only moved by one module: request what entered it (and the
-        # next module again, in case its earlier request was dropped). After a jump, all of it.
+        # In order, the read-ahead is topped up only every half look-ahead of bytes (a call
+        # per module would cost more than it saves); after a jump, at once.
         in_order = position == (self._last + 1) % len(self._order)
         self._last = position
         for store, keys in self._plans[position][0 if in_order else 1]:
@@ -77,14 +77,23 @@ class ForwardOrderPrefetcher:
         self._order = order
         self._position = {id(hook): i for i, (hook, _) in enumerate(order)}
         self._last = -1
-        windows = [self._window_after(i) for i in range(len(order))]
-        self._plans = [
-            (
-                self._store_keys([windows[i][0], *_after(windows[i], windows[i - 1])]),
-                self._store_keys(windows[i]),
-            )
-            for i in range(len(order))
-        ]
+        refills = self._refill_points()
+        self._plans = []
+        for position in range(len(order)):
+            window = self._store_keys(self._window_after(position))
+            self._plans.append((window if position in refills else [], window))
+
+    def _refill_points(self) -> set[int]:
+        """The positions whose forward tops up the read-ahead when modules run in order: the
+        first, then each one that follows at least half the look-ahead of bytes later. Each
+        top-up requests its whole window again, so a read the budget dropped is retried."""
+        points, since = {0}, 0
+        for position, (_, nbytes) in enumerate(self._order):
+            if since >= self.lookahead_bytes // 2:
+                points.add(position)
+                since = 0
+            since += nbytes
+        return points
 
     def _window_after(self, position: int) -> list[int]:
         """The positions of the modules that follow ``position`` (wrapping around: the next
@@ -108,12 +117,6 @@ class ForwardOrderPrefetcher:
             for store, keys in _resolve(hook.source_map, hook.source_keys()):
                 by_store.setdefault(id(store), (store, []))[1].extend(keys)
         return list(by_store.values())
-
-
-def _after(window: list[int], previous: list[int]) -> list[int]:
-    """The positions of ``window`` that ``previous`` did not hold."""
-    held = set(previous)
-    return [position for position in window if position not in held]
 
 
 def _resolve(source: Mapping | None, keys: list[str]) -> list[tuple[Mapping, list[str]]]:

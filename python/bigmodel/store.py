@@ -154,6 +154,11 @@ class TensorStore(Mapping[str, torch.Tensor]):
         )
         return cls(core, ", ".join(paths))
 
+    def __deepcopy__(self, memo: dict) -> TensorStore:
+        # Read-only and holding OS resources (mappings, read threads): copies share it, so a
+        # deep copy of an offloaded model reads the same files.
+        return self
+
     def __getitem__(self, name: str) -> torch.Tensor:
         entry = self._entries.get(name)
         if entry is None:

@@ -57,7 +57,9 @@ class StagingPool:
     (the caching host allocator rounds pinned allocations to powers of two anyway). The
     buffers held never total more than ``max_bytes``: when no free buffer is big enough and
     a new one would not fit, the pool waits for the oldest buffer in flight (and, if nothing
-    is in flight, drops free buffers of other sizes to make room).
+    is in flight, drops free buffers of other sizes to make room). A dropped pinned buffer
+    goes back to torch's caching host allocator, which keeps it for the next allocation of
+    that size; with the repeating shapes of a model's layers, drops are rare.
 
     Args:
         allocate: returns a new 1-D ``torch.uint8`` tensor of the given number of bytes.
@@ -140,9 +142,8 @@ class StagingPool:
 
     def _take_free(self, size: int) -> torch.Tensor | None:
         # The smallest free buffer that is big enough.
-        for free_size in sorted(s for s, buffers in self._free.items() if buffers and s >= size):
-            return self._free[free_size].pop()
-        return None
+        sizes = [s for s, buffers in self._free.items() if buffers and s >= size]
+        return self._free[min(sizes)].pop() if sizes else None
 
     def _drop_smallest_free(self) -> None:
         # Everything is free but nothing fits: give back room held by smaller sizes.
@@ -157,7 +158,7 @@ class HostToDevice:
     `copy` returns as soon as the transfer is queued: the returned tensor may be used right
     away on the caller's current stream (which waits for the copy on the GPU), and its memory
     is not recycled by the caching allocator before that stream is done with it. Safe to use
-    from several threads.
+    from several threads. Use `host_to_device` to share one per device.
 
     Args:
         device: the CUDA device.
