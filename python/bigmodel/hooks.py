@@ -14,7 +14,9 @@ Differences from accelerate (see docs/compatibility.md): a failing forward (exce
 KeyboardInterrupt) drops the weights it loaded; a tensor that is already resident on the
 execution device (a tie with a resident module) is used in place and stays tied; an
 onloaded parameter that requires grad refuses to be trained; `has_offloaded_params` sees
-through a `SequentialHook`; no ``empty_cache`` per tensor.
+through a `SequentialHook`; no ``empty_cache`` per tensor. On a CUDA execution device the
+weights go through `bigmodel.transfer` (pinned staging buffers, a side stream), so copies
+overlap the compute the host has already queued.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from bigmodel.tensors import (
     named_module_tensors,
     set_module_tensor_to_device,
 )
+from bigmodel.transfer import HostToDevice, host_to_device
 
 logger = logging.getLogger(__name__)
 
@@ -318,6 +321,8 @@ class AlignDevicesHook(ModelHook):
         self.module_name: str | None = None
         # One entry per forward in progress (a module may run inside its own forward).
         self._onloads: list[_Onload] = []
+        # Copies offloaded weights to a CUDA execution device (set by init_hook; None else).
+        self._host_to_device: HostToDevice | None = None
 
     def __repr__(self):
         return (
@@ -356,6 +361,7 @@ class AlignDevicesHook(ModelHook):
         return module
 
     def _init_offload(self, module: nn.Module) -> None:
+        self._host_to_device = host_to_device(self.execution_device)
         self.original_devices = {
             name: tensor.device
             for name, tensor in named_module_tensors(module, recurse=self.place_submodules)
@@ -441,6 +447,9 @@ class AlignDevicesHook(ModelHook):
         onload = self._onloads[-1]
         onload.replaced[name] = current
         value = self.weights_map[name]
+        if self._host_to_device is not None and not self._is_tied(name, value):
+            # Queued on a side stream through pinned buffers; this stream waits on the GPU.
+            value = self._host_to_device.copy(value)
         if self._swap_in_place(owner, leaf, name, current, value):
             self._refuse_training(module, name)
             return
@@ -466,6 +475,12 @@ class AlignDevicesHook(ModelHook):
         if not reused:  # a reused copy belongs to whoever created it
             self._refuse_training(module, name)
 
+    def _is_tied(self, name: str, value: torch.Tensor) -> bool:
+        """Whether the tied-parameters map tracks ``name`` (it is keyed by host pointers)."""
+        if name in self.tied_params_names:
+            return True
+        return bool(self.tied_params_map) and value.data_ptr() in self.tied_params_map
+
     def _swap_in_place(self, owner: nn.Module, leaf: str, name: str, current, value) -> bool:
         """Installs ``value`` as ``owner.<leaf>`` in the common case, without the general
         machinery of `set_module_tensor_to_device` (this runs for every weight of every
@@ -476,8 +491,7 @@ class AlignDevicesHook(ModelHook):
             or value.dtype != current.dtype
             or value.shape != current.shape
             or not _is_on(value, self.execution_device)
-            or name in self.tied_params_names
-            or (self.tied_params_map and value.data_ptr() in self.tied_params_map)
+            or self._is_tied(name, value)
         ):
             return False
         parameter = nn.Parameter(value, requires_grad=current.requires_grad)
