@@ -162,11 +162,13 @@ def test_lazy_views_after_will_need_hold_the_file_bytes(tmp_path):
     reference = safetensors.torch.load_file(file)
     with TensorStore.mount([file], max_resident=0, populate_views=False) as store:
         store.will_need(tensors)
+        store.populate_in_background(tensors)
         assert store.stats()["bytes_read"] == 0
         for name in tensors:
             assert _bits_equal(store[name], reference[name])
-        with pytest.raises(TensorNotFoundError, match="nope"):
-            store.will_need(["layer.0", "nope"])
+        for advise in (store.will_need, store.populate_in_background):
+            with pytest.raises(TensorNotFoundError, match="nope"):
+                advise(["layer.0", "nope"])
 
 
 def test_write_mount_commits_an_index_only(tmp_path):

@@ -228,8 +228,9 @@ class _CheckpointReader:
         return self._sources[self.catalog[name].file][name]
 
     def will_need(self, names: Iterable[str]) -> None:
-        """Starts the disk reading the mounted tensors among ``names``, so loading them one by
-        one never waits for a read that could have been queued."""
+        """Starts the disk reading the mounted tensors among ``names`` and a thread making
+        their pages resident, in order: loading returns at once, and the first forward only
+        waits for the tensors not read yet."""
         by_file: dict[str, list[str]] = {}
         for name in names:
             by_file.setdefault(self.catalog[name].file, []).append(name)
@@ -237,6 +238,7 @@ class _CheckpointReader:
             source = self._sources[path]
             if isinstance(source, TensorStore):
                 source.will_need(file_names)
+                source.populate_in_background(file_names)
 
     def close(self) -> None:
         """Releases the files; tensors already handed out stay valid."""
@@ -251,8 +253,8 @@ def _open_lazily(path: str) -> Mapping[str, torch.Tensor]:
         _check_safetensors_format(path)
         # No cache budget: a tensor that was cast (or offloaded) gives its pages back as soon
         # as it is dropped; tensors kept as zero-copy weights stay pinned by their owners.
-        # Views are not populated: `_load_resident` starts the disk reading every resident
-        # tensor, and the first forward overlaps its compute with the tail of those reads.
+        # Views are not populated here: `_load_resident` has them read and made resident in
+        # the background, and the first forward overlaps its compute with those reads.
         return TensorStore.mount([path], max_resident=0, populate_views=False)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -167,8 +167,10 @@ def attach_prefetcher(
     """Installs one `ForwardOrderPrefetcher` on every offloading hook of ``model`` whose
     weights come from a store that can read ahead. Returns it (None when there is none).
 
-    ``lookahead_bytes`` defaults to half the smallest store budget, so the module running
-    and the modules read ahead fit together, or `DEFAULT_LOOKAHEAD_BYTES` without a budget.
+    ``lookahead_bytes`` defaults to what the smallest store budget holds besides two
+    modules' weights (the one running and the one just released; at least half the budget),
+    or `DEFAULT_LOOKAHEAD_BYTES` without a budget. A longer read-ahead keeps the disk busy
+    through compute; one the budget cannot hold would evict reads before their use.
     """
     guess = [
         (module, hook)
@@ -180,7 +182,12 @@ def attach_prefetcher(
     if lookahead_bytes is None:
         budgets = [s.stats()["budget"] for s in offload_stores(model)]
         budgets = [b for b in budgets if b is not None]
-        lookahead_bytes = min(budgets) // 2 if budgets else DEFAULT_LOOKAHEAD_BYTES
+        largest = max(_fetched_bytes(module, hook) for module, hook in guess)
+        lookahead_bytes = (
+            max(min(budgets) // 2, min(budgets) - 2 * largest)
+            if budgets
+            else DEFAULT_LOOKAHEAD_BYTES
+        )
     prefetcher = ForwardOrderPrefetcher(guess, lookahead_bytes)
     for _, hook in guess:
         hook.prefetcher = prefetcher

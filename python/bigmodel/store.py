@@ -187,6 +187,12 @@ class TensorStore(Mapping[str, torch.Tensor]):
         reading many tensors one after the other, so the disk never waits on the reader."""
         self._core.will_need(list(names))
 
+    def populate_in_background(self, names: Iterable[str]) -> None:
+        """Makes the zero-copy views of ``names`` resident on a background thread, in order,
+        and returns at once: for a store opened with ``populate_views=False``, whose views
+        would otherwise be read on first touch. Nothing is pinned or counted."""
+        self._core.populate_in_background(list(names))
+
     def info(self, name: str) -> dict:
         """dtype, shape, nbytes, stored_nbytes, file and codec of ``name`` (without reading it)."""
         entry = self._entries.get(name)

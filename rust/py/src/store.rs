@@ -166,6 +166,11 @@ impl Store {
         py.detach(|| self.inner.will_need(&names)).py_err()
     }
 
+    fn populate_in_background(&self, py: Python<'_>, names: Vec<String>) -> PyResult<()> {
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        py.detach(|| self.inner.populate_in_background(&names)).py_err()
+    }
+
     /// Names of the tensors whose bytes do not match their recorded checksum.
     fn verify(&self, py: Python<'_>) -> PyResult<Vec<String>> {
         py.detach(|| self.inner.verify()).py_err()

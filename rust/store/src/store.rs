@@ -134,10 +134,7 @@ impl Store {
     /// `NotFound` before anything is queued. Tensors already resident or in flight, and
     /// prefetches the budget cannot hold, are skipped (see [`Stats::prefetch_dropped`]).
     pub fn prefetch(&self, names: &[&str]) -> Result<()> {
-        let slots = names
-            .iter()
-            .map(|name| self.slot(name))
-            .collect::<Result<Vec<u32>>>()?;
+        let slots = self.slots_of(names)?;
         self.runtime()?.prefetch(&slots);
         Ok(())
     }
@@ -146,10 +143,7 @@ impl Store {
     /// readahead of the mapped ranges) and returns at once; nothing enters the cache. Lets a
     /// caller that will `get` many tensors in a row keep the disk busy in between.
     pub fn will_need(&self, names: &[&str]) -> Result<()> {
-        let slots = names
-            .iter()
-            .map(|name| self.slot(name))
-            .collect::<Result<Vec<u32>>>()?;
+        let slots = self.slots_of(names)?;
         let core = &self.runtime()?.core;
         for slot in slots {
             let entry = &core.index.tensors[slot as usize];
@@ -158,6 +152,25 @@ impl Store {
                 .will_need(entry.offset, entry.length);
         }
         Ok(())
+    }
+
+    /// Faults the pages of the views among `names` in, in order, on a thread of its own, and
+    /// returns at once. For views handed out unpopulated (`populate_views: false`): they
+    /// become resident soon after, while the caller already computes with them. Failures
+    /// are left to the first touch (it raises SIGBUS where a populate reports EFAULT), as
+    /// for any unpopulated view.
+    pub fn populate_in_background(&self, names: &[&str]) -> Result<()> {
+        let slots = self.slots_of(names)?;
+        let core = Arc::clone(&self.runtime()?.core);
+        std::thread::Builder::new()
+            .name("bigmodel-populate".into())
+            .spawn(move || core.populate_views(&slots))
+            .map_err(|e| StoreError::io(&self.root, e))?;
+        Ok(())
+    }
+
+    fn slots_of(&self, names: &[&str]) -> Result<Vec<u32>> {
+        names.iter().map(|name| self.slot(name)).collect()
     }
 
     /// Counters and byte counts of this process's runtime.
@@ -374,6 +387,19 @@ struct Core {
 }
 
 impl Core {
+    fn populate_views(&self, slots: &[u32]) {
+        for &slot in slots {
+            let entry = &self.index.tensors[slot as usize];
+            if !self.mode.serves_view(entry) {
+                continue;
+            }
+            if let Ok(map) = self.files.open(entry.file, &entry.name) {
+                // Advice-like: a failure here is seen by the first touch instead.
+                let _ = map.populate(entry.offset, entry.length, &entry.name);
+            }
+        }
+    }
+
     fn get(self: &Arc<Self>, slot: u32) -> Result<TensorBytes> {
         let entry = &self.index.tensors[slot as usize];
         if self.mode.serves_view(entry) {

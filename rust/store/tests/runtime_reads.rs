@@ -81,6 +81,29 @@ fn views_are_populated_on_get_unless_told_otherwise() {
 }
 
 #[test]
+fn lazy_views_are_made_resident_in_the_background() {
+    const SIZE: usize = 4 << 20;
+    let built = build(&[Spec("a", SIZE, Kind::View)]);
+    let store = built.open(StoreOptions {
+        populate_views: false,
+        ..StoreOptions::default()
+    });
+    let bytes = store.get("a").unwrap();
+    let resident = || resident_bytes_of_mapping(bytes.as_ptr() as usize, &built.path(VIEW_FILE));
+    assert!(resident() < SIZE / 4);
+    store.populate_in_background(&["a"]).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while resident() < SIZE && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(resident() >= SIZE, "{} of {SIZE} bytes resident", resident());
+    assert!(matches!(
+        store.populate_in_background(&["nope"]),
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
+#[test]
 fn will_need_checks_names_and_reads_nothing_into_the_cache() {
     let built = build(&[Spec("a", 1000, Kind::View), Spec("z", 1000, Kind::Zstd)]);
     let store = built.open(StoreOptions::default());
