@@ -27,6 +27,7 @@ import pytest
 import torch
 from torch import nn
 
+from bigmodel import hooks
 from bigmodel.dispatch import disk_offload
 from bigmodel.errors import CorruptStoreError
 from bigmodel.hooks import iter_offload_hooks
@@ -219,3 +220,27 @@ def test_a_file_truncated_under_a_running_model_is_a_clear_error(offloaded, tmp_
         assert str(shard) in str(caught.value) and "blocks." in str(caught.value)
         del caught
         _assert_everything_released(model, store)
+
+
+@pytest.mark.parametrize("restore_call", [1, 2])
+def test_an_interrupt_while_weights_are_put_back_still_puts_them_all_back(
+    offloaded, monkeypatch, restore_call
+):
+    """Ctrl-C landing inside post_forward, between restoring a block's weight and its bias."""
+    model, reference, store, x = offloaded
+    expected = reference(x)
+    assert torch.equal(model(x), expected)
+    set_tensor, calls = hooks._set_tensor, []
+
+    def interrupted_once(module, name, tensor):
+        calls.append(name)
+        if len(calls) == restore_call:
+            raise KeyboardInterrupt
+        set_tensor(module, name, tensor)
+
+    monkeypatch.setattr(hooks, "_set_tensor", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        model(x)
+    monkeypatch.setattr(hooks, "_set_tensor", set_tensor)
+    _assert_everything_released(model, store)
+    assert torch.equal(model(x), expected)

@@ -545,17 +545,33 @@ class AlignDevicesHook(ModelHook):
 
     def _offload(self, module: nn.Module) -> None:
         """Puts back what the innermost pre_forward replaced; the fetched values (and the
-        store bytes they pin) are released with them."""
+        store bytes they pin) are released with them. The record leaves the stack only once
+        everything is back, and a KeyboardInterrupt landing mid-way finishes the restore
+        before it propagates, so no weight stays loaded (and pinned)."""
         if not self._onloads:
             return
-        onload = self._onloads.pop()
-        for name, placeholder in onload.replaced.items():
-            _set_tensor(module, name, placeholder)
+        onload = self._onloads[-1]
+        try:
+            self._restore(module, onload)
+        except BaseException:
+            self._restore(module, onload)  # finish what the interrupt cut short
+            raise
+        finally:
+            if not onload.replaced:
+                self._onloads.pop()
+
+    def _restore(self, module: nn.Module, onload: _Onload) -> None:
+        while onload.replaced:  # each name leaves the record only after it is restored
+            name = next(reversed(onload.replaced))
+            _set_tensor(module, name, onload.replaced[name])
+            del onload.replaced[name]
         if type(module).__name__ == "Linear8bitLt":  # bitsandbytes caches derived tensors
             module.state.SCB = None
             module.state.CxB = None
-        for pointer, device in onload.tied_pointers:
+        while onload.tied_pointers:
+            pointer, device = next(iter(onload.tied_pointers))
             self.tied_params_map.get(pointer, {}).pop(device, None)
+            onload.tied_pointers.discard((pointer, device))
 
     def detach_hook(self, module):
         if not self.offload:
