@@ -1,13 +1,14 @@
 """`make bench`: every benchmark, one after the other (each prints its own table).
 
-The store and offload benchmarks build their data once under `.cache/` and reuse it.
+The store and offload benchmarks build their data once under `.cache/` and reuse it;
+`bench_gpu.py` says it was skipped on a machine without CUDA.
 """
 
 import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("bench_store.py", "bench_device_map.py", "bench_offload.py")
+BENCHMARKS = ("bench_store.py", "bench_device_map.py", "bench_offload.py", "bench_gpu.py")
 
 
 def main() -> int:
