@@ -64,6 +64,11 @@ def status_kib(field: str) -> int:
     raise KeyError(field)
 
 
+def reset_peak_rss() -> None:
+    """Restarts VmHWM (the peak RSS) from the current RSS (Linux `clear_refs`, value 5)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def machine_description() -> str:
     cpu = next(
         (

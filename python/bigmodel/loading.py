@@ -8,7 +8,8 @@ meta model, then:
   copies that the checkpoint does not hold are written;
 - the resident part is loaded tensor by tensor from memory-mapped files, so peak RAM is the
   resident weights plus one tensor (never a whole shard); a CPU tensor whose dtype already
-  matches is a zero-copy view of the checkpoint file;
+  matches is a zero-copy view of the checkpoint file, read (and made resident) in the
+  background, so the call returns before those reads end and the first forward overlaps them;
 - ``dispatch_model`` then serves the offloaded modules from that store.
 
 Differences from accelerate are listed in ``docs/compatibility.md``.
