@@ -37,8 +37,9 @@ CASES = [
     ("cpu", True),
 ]
 LIBS = ("bigmodel", "accelerate")
-# Which forward is reported: warm, the second one; cold, the first after the page cache was
-# emptied (later forwards of bigmodel are served by pages its cache still maps).
+# Which forward is reported: warm, the median of three after the first one; cold, the first
+# after the page cache was emptied (later forwards of bigmodel are served by pages its cache
+# still maps).
 _FORWARD = {False: "forward_s", True: "first_forward_s"}
 
 
