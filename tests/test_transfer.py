@@ -44,6 +44,15 @@ class CountingAllocator:
         return torch.empty(nbytes, dtype=torch.uint8)
 
 
+def _run_in_threads(work, count: int) -> None:
+    """Runs ``work(seed)`` for seeds 0..count-1, each on its own thread, and waits for all."""
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def _pool(max_bytes=16 * KIB, max_buffer_bytes=4 * KIB, min_buffer_bytes=KIB):
     allocator = CountingAllocator()
     return StagingPool(allocator, max_bytes, max_buffer_bytes, min_buffer_bytes), allocator
@@ -195,11 +204,7 @@ def test_a_buffer_has_one_owner_at_a_time_across_threads():
                 owned.discard(buffer.data_ptr())
             pool.release(buffer, FakeEvent(done=rng.random() < 0.5))
 
-    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    _run_in_threads(work, 4)
     assert errors == []
     assert pool.stats()["pinned_bytes"] <= 16 * KIB
 
@@ -418,11 +423,7 @@ def test_copies_from_several_threads(copier):
             if not torch.equal(copier.copy(tensor).cpu(), tensor):
                 errors.append(seed)
 
-    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    _run_in_threads(work, 4)
     assert errors == []
 
 
