@@ -39,6 +39,8 @@ def send_to_device(
         except TypeError:  # a `.to` that does not accept `non_blocking`
             return tensor.to(device)
     if isinstance(tensor, tuple | list):
+        if isinstance(tensor, tuple) and _all_tensors_on(tensor, device):
+            return tensor  # a module's positional inputs, usually: nothing to rebuild
         moved = (send_to_device(item, device, non_blocking, skip_keys) for item in tensor)
         return _same_sequence_type(tensor, moved)
     if isinstance(tensor, Mapping):
@@ -52,6 +54,10 @@ def send_to_device(
             }
         )
     return tensor
+
+
+def _all_tensors_on(items: list | tuple, device) -> bool:
+    return all(isinstance(item, torch.Tensor) and item.device == device for item in items)
 
 
 def _same_sequence_type(original: list | tuple, items) -> list | tuple:
