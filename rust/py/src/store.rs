@@ -60,7 +60,13 @@ impl Store {
         zero_copy: bool,
         populate_views: bool,
     ) -> PyResult<Store> {
-        let opts = options(max_resident, read_threads, verify_reads, zero_copy, populate_views);
+        let opts = options(
+            max_resident,
+            read_threads,
+            verify_reads,
+            zero_copy,
+            populate_views,
+        );
         let inner = py.detach(|| CoreStore::open(&path, opts)).py_err()?;
         Ok(Store { inner, root: path })
     }
@@ -77,7 +83,13 @@ impl Store {
         zero_copy: bool,
         populate_views: bool,
     ) -> PyResult<Store> {
-        let opts = options(max_resident, read_threads, verify_reads, zero_copy, populate_views);
+        let opts = options(
+            max_resident,
+            read_threads,
+            verify_reads,
+            zero_copy,
+            populate_views,
+        );
         let root = files
             .first()
             .and_then(|f| f.parent())
@@ -104,7 +116,13 @@ impl Store {
         zero_copy: bool,
         populate_views: bool,
     ) -> PyResult<Store> {
-        let opts = options(max_resident, read_threads, verify_reads, zero_copy, populate_views);
+        let opts = options(
+            max_resident,
+            read_threads,
+            verify_reads,
+            zero_copy,
+            populate_views,
+        );
         let inner = py
             .detach(|| {
                 let index = mount::mount_offload_folder(&folder)?;
@@ -168,7 +186,8 @@ impl Store {
 
     fn populate_in_background(&self, py: Python<'_>, names: Vec<String>) -> PyResult<()> {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        py.detach(|| self.inner.populate_in_background(&names)).py_err()
+        py.detach(|| self.inner.populate_in_background(&names))
+            .py_err()
     }
 
     /// Names of the tensors whose bytes do not match their recorded checksum.

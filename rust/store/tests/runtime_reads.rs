@@ -96,7 +96,11 @@ fn lazy_views_are_made_resident_in_the_background() {
     while resident() < SIZE && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(resident() >= SIZE, "{} of {SIZE} bytes resident", resident());
+    assert!(
+        resident() >= SIZE,
+        "{} of {SIZE} bytes resident",
+        resident()
+    );
     assert!(matches!(
         store.populate_in_background(&["nope"]),
         Err(StoreError::NotFound { .. })
