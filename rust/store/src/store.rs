@@ -158,7 +158,8 @@ impl Store {
     /// returns at once. For views handed out unpopulated (`populate_views: false`): they
     /// become resident soon after, while the caller already computes with them. Failures
     /// are left to the first touch (it raises SIGBUS where a populate reports EFAULT), as
-    /// for any unpopulated view.
+    /// for any unpopulated view. The thread keeps the files mapped until it is done, even if
+    /// the store is closed first.
     pub fn populate_in_background(&self, names: &[&str]) -> Result<()> {
         let slots = self.slots_of(names)?;
         let core = Arc::clone(&self.runtime()?.core);
