@@ -428,12 +428,9 @@ class AlignDevicesHook(ModelHook):
             raise
 
     def _send_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        device = self.execution_device
-        if isinstance(device, str | int):  # parsed once, not by every `.to`
-            device = torch.device(device)
         return (
-            send_to_device(args, device),
-            send_to_device(kwargs, device, skip_keys=self.skip_keys),
+            send_to_device(args, self.execution_device),
+            send_to_device(kwargs, self.execution_device, skip_keys=self.skip_keys),
         )
 
     def _onload(self, module: nn.Module, name: str) -> None:

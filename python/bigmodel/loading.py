@@ -228,7 +228,7 @@ class _CheckpointReader:
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._sources[self.catalog[name].file][name]
 
-    def will_need(self, names: Iterable[str]) -> None:
+    def start_reading(self, names: Iterable[str]) -> None:
         """Starts the disk reading the mounted tensors among ``names`` and a thread making
         their pages resident, in order: loading returns at once, and the first forward only
         waits for the tensors not read yet."""
@@ -528,7 +528,7 @@ def _load_resident(model, plan: _LoadPlan, reader: _CheckpointReader, in_place: 
         if route.device != "disk" and route.source is not None
     ]
     resident.sort(key=lambda item: position[item[1].source])
-    reader.will_need(route.source for _, route in resident)
+    reader.start_reading(route.source for _, route in resident)
     for name, route in resident:
         value = reader[route.source]
         current = _model_tensor(model, name)

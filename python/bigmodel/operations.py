@@ -31,7 +31,8 @@ def send_to_device(
     Lists and tuples keep their type (named tuples included); mappings are rebuilt with
     ``type(mapping)(...)``.
     """
-    if isinstance(tensor, torch.Tensor) and tensor.device == device:
+    target = _as_torch_device(device)
+    if isinstance(tensor, torch.Tensor) and tensor.device == target:
         return tensor  # the hooks' common case, without parsing `.to`'s arguments
     if isinstance(tensor, torch.Tensor) or hasattr(tensor, "to"):
         try:
@@ -39,7 +40,7 @@ def send_to_device(
         except TypeError:  # a `.to` that does not accept `non_blocking`
             return tensor.to(device)
     if isinstance(tensor, tuple | list):
-        if isinstance(tensor, tuple) and _all_tensors_on(tensor, device):
+        if isinstance(tensor, tuple) and _all_tensors_on(tensor, target):
             return tensor  # a module's positional inputs, usually: nothing to rebuild
         moved = (send_to_device(item, device, non_blocking, skip_keys) for item in tensor)
         return _same_sequence_type(tensor, moved)
@@ -56,7 +57,20 @@ def send_to_device(
     return tensor
 
 
-def _all_tensors_on(items: list | tuple, device) -> bool:
+def _as_torch_device(device) -> torch.device | None:
+    """``device`` as a ``torch.device``, to compare with a tensor's (None when torch does not
+    read it as a device). ``.to`` still gets ``device`` as the caller gave it."""
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, str | int) and not isinstance(device, bool):
+        try:
+            return torch.device(device)
+        except RuntimeError:  # a name torch does not know
+            return None
+    return None
+
+
+def _all_tensors_on(items: list | tuple, device: torch.device | None) -> bool:
     return all(isinstance(item, torch.Tensor) and item.device == device for item in items)
 
 

@@ -495,8 +495,8 @@ impl io::Read for RangeReader<'_> {
 fn madvise(address: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
     loop {
         // SAFETY: callers pass page-aligned ranges inside a live mapping they own; the advice
-        // values used (POPULATE_READ, WILLNEED, DONTNEED on a private file mapping) never make memory
-        // invalid, only absent-until-refaulted.
+        // values used (POPULATE_READ, WILLNEED, DONTNEED on a private file mapping) never
+        // make memory invalid, only absent-until-refaulted.
         let rc = unsafe { libc::madvise(address as *mut libc::c_void, len, advice) };
         if rc == 0 {
             return Ok(());
