@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: page-cache eviction, timing, memory readings."""
+"""Helpers shared by the benchmarks: timing, reads, the machine; memory probes re-exported
+from `bigmodel.residency`."""
 
 from __future__ import annotations
 
@@ -8,19 +9,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-
-def evict_from_page_cache(paths: Iterable[Path]) -> None:
-    """Drops the files' pages from the page cache (posix_fadvise DONTNEED), for cold runs."""
-    for path in paths:
-        if path.is_dir():
-            evict_from_page_cache(path.iterdir())
-            continue
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # dirty pages cannot be dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+from bigmodel.residency import evict_from_page_cache, reset_peak_rss, status_kib  # noqa: F401
 
 
 def sequential_read(paths: Iterable[Path], chunk: int = 16 << 20) -> int:
@@ -54,19 +43,6 @@ def median_of_alternating(
                 before_each()
             times[name].append(timed(case))
     return {name: statistics.median(values) for name, values in times.items()}
-
-
-def status_kib(field: str) -> int:
-    """A field of /proc/self/status in KiB (VmRSS, VmHWM, RssAnon, RssFile)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak_rss() -> None:
-    """Restarts VmHWM (the peak RSS) from the current RSS (Linux `clear_refs`, value 5)."""
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def machine_description() -> str:
