@@ -21,6 +21,7 @@ use serde_json::Value;
 
 use crate::dtype::{byte_size, DType};
 use crate::error::{Result, StoreError};
+use crate::fs::{mtime_ns, open_regular, sync_dir};
 use crate::json;
 use crate::layout;
 
@@ -52,6 +53,33 @@ pub struct FileRecord {
     /// A mounted file's modification time (ns since the epoch) at mount time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtime_ns: Option<u64>,
+}
+
+impl FileRecord {
+    /// The one check that a file still is the one this record describes, before any of its
+    /// bytes are trusted: `Corrupt` when its size differs, or its mtime differs from the
+    /// recorded one (a mount's, or the one a reader saw when it opened the file).
+    pub fn check_metadata(&self, meta: &fs::Metadata, path: &Path, tensor: &str) -> Result<()> {
+        if meta.len() != self.size {
+            let detail = format!(
+                "the file is {} bytes, the index records {} (truncated or rewritten)",
+                meta.len(),
+                self.size
+            );
+            return Err(StoreError::corrupt(path, tensor, detail));
+        }
+        let mtime = mtime_ns(meta);
+        match self.mtime_ns {
+            Some(recorded) if recorded != mtime => {
+                let detail = match self.mounted {
+                    true => format!("the file was modified after it was mounted (mtime {mtime} ns, recorded {recorded} ns); mount it again"),
+                    false => format!("the file was modified after the store was opened (mtime {mtime} ns, {recorded} ns at open)"),
+                };
+                Err(StoreError::corrupt(path, tensor, detail))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,7 +238,7 @@ impl Index {
             let _ = fs::remove_file(&temp);
         }
         committed?;
-        layout::sync_dir(store_dir)
+        sync_dir(store_dir)
     }
 
     fn check_overlaps(&self, store_dir: &Path) -> Result<()> {
@@ -312,7 +340,7 @@ pub const MAX_INDEX_LEN: u64 = 1 << 30;
 /// The bytes of an index document (ours, or an offload folder's `index.json`): a regular
 /// file (a FIFO in its place would block the reader forever) of at most [`MAX_INDEX_LEN`].
 pub fn read_index_file(path: &Path, what: &str) -> Result<Vec<u8>> {
-    let file = layout::open_regular(path, what)?;
+    let file = open_regular(path, what)?;
     let len = file.metadata().map_err(|e| StoreError::io(path, e))?.len();
     if len > MAX_INDEX_LEN {
         let detail = format!("{len} bytes is too large for {what} (the limit is {MAX_INDEX_LEN})");
@@ -464,7 +492,8 @@ fn is_plain_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0'])
 }
 
-/// The file exists, is a regular file, and has the size (and a mount's mtime) recorded.
+/// The file exists, is a regular file, and matches its record (see
+/// [`FileRecord::check_metadata`]).
 fn check_file_state(record: &FileRecord, path: &Path, tensor: &str) -> Result<()> {
     let meta = match fs::metadata(path) {
         Ok(meta) => meta,
@@ -477,26 +506,7 @@ fn check_file_state(record: &FileRecord, path: &Path, tensor: &str) -> Result<()
         let detail = format!("tensor {tensor:?}: not a regular file");
         return Err(StoreError::format(path, detail));
     }
-    if meta.len() != record.size {
-        return Err(StoreError::corrupt(
-            path,
-            tensor,
-            format!(
-                "the file is {} bytes, the index records {} (truncated or rewritten)",
-                meta.len(),
-                record.size
-            ),
-        ));
-    }
-    let mtime = layout::mtime_ns(&meta);
-    match record.mtime_ns {
-        Some(recorded) if record.mounted && recorded != mtime => Err(StoreError::corrupt(
-            path,
-            tensor,
-            format!("the file was modified after it was mounted (mtime {mtime} ns, recorded {recorded} ns); mount it again"),
-        )),
-        _ => Ok(()),
-    }
+    record.check_metadata(&meta, path, tensor)
 }
 
 mod dtype_name {

@@ -6,6 +6,9 @@
 //! - [`safetensors`]: safetensors headers, read (mounts) and written (our shards).
 //! - [`codec`]: checksums and zstd frames.
 //! - [`writer`]: [`writer::StoreWriter`], plan-based, atomic.
+//! - [`layout`]: names of the files a writer puts in a store directory.
+//! - `cleanup`: writer liveness locks and the removal of what dead writers left.
+//! - `fs`: file-system helpers (non-blocking opens of regular files, directory sync).
 //! - [`mount`]: indexes over files we did not write (safetensors, accelerate offload folders).
 //! - [`cache`]: the residency cache (budget, pins, LRU eviction that returns memory).
 //! - [`pool`]: background read threads.
@@ -14,9 +17,11 @@
 
 mod buffers;
 pub mod cache;
+mod cleanup;
 pub mod codec;
 pub mod dtype;
 pub mod error;
+mod fs;
 pub mod index;
 mod json;
 pub mod layout;
@@ -26,6 +31,7 @@ pub mod pool;
 pub mod safetensors;
 pub mod stats;
 pub mod store;
+mod verify;
 pub mod writer;
 
 pub use dtype::DType;

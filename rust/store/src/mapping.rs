@@ -25,8 +25,8 @@ use memmap2::{MmapMut, MmapOptions};
 use crate::buffers::AlignedBuf;
 use crate::codec;
 use crate::error::{Result, StoreError};
+use crate::fs;
 use crate::index::{Codec, Entry, FileRecord, Index};
-use crate::layout;
 
 /// The lazily opened mappings of every file of one index.
 pub(crate) struct FileSet {
@@ -77,7 +77,7 @@ pub(crate) struct FileMap {
 impl FileMap {
     fn open(path: &Path, record: &FileRecord, tensor: &str) -> Result<FileMap> {
         // Non-blocking, regular files only: a FIFO put in a file's place must not hang us.
-        let file = layout::open_regular(path, "a store data file")?;
+        let file = fs::open_regular(path, "a store data file")?;
         let record = &read_baseline(&file, path, record)?;
         check_metadata(&file, path, record, tensor)?;
         let len = usize::try_from(record.size)
@@ -530,29 +530,13 @@ fn read_baseline(file: &File, path: &Path, record: &FileRecord) -> Result<FileRe
     let mut baseline = record.clone();
     if !record.mounted {
         let meta = file.metadata().map_err(|e| StoreError::io(path, e))?;
-        baseline.mtime_ns = Some(layout::mtime_ns(&meta));
+        baseline.mtime_ns = Some(fs::mtime_ns(&meta));
     }
     Ok(baseline)
 }
 
+/// Checks the open file against its record (the one check: `FileRecord::check_metadata`).
 fn check_metadata(file: &File, path: &Path, record: &FileRecord, tensor: &str) -> Result<()> {
     let meta = file.metadata().map_err(|e| StoreError::io(path, e))?;
-    if meta.len() != record.size {
-        let detail = format!(
-            "the file is {} bytes, the index records {}: it changed after the store was written",
-            meta.len(),
-            record.size
-        );
-        return Err(StoreError::corrupt(path, tensor, detail));
-    }
-    match record.mtime_ns {
-        Some(recorded) if layout::mtime_ns(&meta) != recorded => {
-            let detail = match record.mounted {
-                true => "the mounted file was modified after it was mounted (its mtime changed)",
-                false => "the file was modified after the store was opened (its mtime changed)",
-            };
-            Err(StoreError::corrupt(path, tensor, detail))
-        }
-        _ => Ok(()),
-    }
+    record.check_metadata(&meta, path, tensor)
 }

@@ -10,11 +10,13 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::cleanup::{remove_stale_files, WriterLock};
 use crate::dtype::{byte_size, DType};
 use crate::error::{Result, StoreError};
+use crate::fs::mtime_ns;
 use crate::index::{self, Codec, Entry, FileRecord, Index};
 use crate::json;
-use crate::layout::{self, WriterLock};
+use crate::layout;
 use crate::safetensors::{self, Header};
 
 /// The offload folder's index, inside the folder.
@@ -58,7 +60,7 @@ pub fn write_mount_index(dir: &Path, index: &Index) -> Result<()> {
     let _lock = WriterLock::acquire(dir, &gen)?;
     index.validate(dir)?;
     index.write_atomic(dir, &gen)?;
-    layout::remove_stale_files(dir, Some(&gen));
+    remove_stale_files(dir, Some(&gen));
     Ok(())
 }
 
@@ -136,7 +138,7 @@ impl Mount {
             path: path_text.to_owned(),
             mounted: true,
             size: meta.len(),
-            mtime_ns: Some(layout::mtime_ns(&meta)),
+            mtime_ns: Some(mtime_ns(&meta)),
         });
         self.file_by_path.insert(canonical, self.files.len() - 1);
         Ok((self.files.len() - 1, true))

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use crate::dtype::{byte_size, DType};
 use crate::error::{Result, StoreError};
 use crate::index::ALIGNMENT;
-use crate::{json, layout};
+use crate::json;
 
 /// Headers longer than this are refused (the safetensors library uses the same bound),
 /// so a corrupt length never makes us allocate gigabytes.
@@ -52,7 +52,7 @@ pub fn is_padding(name: &str) -> bool {
 
 /// Reads and checks the header of the safetensors file at `path`.
 pub fn read_header(path: &Path) -> Result<Header> {
-    let mut file = layout::open_regular(path, "a safetensors file")?;
+    let mut file = crate::fs::open_regular(path, "a safetensors file")?;
     let file_len = file.metadata().map_err(|e| StoreError::io(path, e))?.len();
     let mut len_bytes = [0u8; 8];
     if file_len < 8 {

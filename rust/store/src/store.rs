@@ -23,6 +23,7 @@ use crate::index::{Entry, Index};
 use crate::mapping::{self, FileSet, Loaded, ReadMode};
 use crate::pool::ReadPool;
 use crate::stats::{Counters, Stats};
+use crate::verify;
 
 /// How a store serves its tensors.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,40 +190,10 @@ impl Store {
 
     /// Names of the tensors whose bytes on disk do not match their checksum, or cannot be
     /// read as recorded (missing file, short file, bad frame); tensors without a checksum
-    /// are skipped. Reads the files directly, in file order, through a bounded buffer:
-    /// neither the cache nor live tensors are affected. OS failures are errors.
+    /// are skipped. Neither the cache nor live tensors are affected (see [`verify`]).
     pub fn verify(&self) -> Result<Vec<String>> {
         self.check_open()?;
-        let mut order: Vec<&Entry> = self
-            .index
-            .tensors
-            .iter()
-            .filter(|e| e.checksum.is_some())
-            .collect();
-        order.sort_by_key(|e| (e.file, e.offset));
-        let mut scratch = vec![0u8; 8 << 20];
-        let mut failing = Vec::new();
-        // The file being read: its position and handle (`None`: the file is missing).
-        let mut open_file: Option<(usize, Option<std::fs::File>)> = None;
-        for entry in order {
-            let path = self.index.file_path(&self.root, entry.file);
-            if open_file
-                .as_ref()
-                .map_or(true, |(file, _)| *file != entry.file)
-            {
-                open_file = Some((entry.file, open_for_verify(&path)?));
-            }
-            let Some((_, Some(file))) = &open_file else {
-                failing.push(entry.name.clone());
-                continue;
-            };
-            match mapping::stored_checksum(file, &path, entry, &mut scratch) {
-                Ok(sum) if Some(sum) == entry.checksum => {}
-                Ok(_) | Err(StoreError::Corrupt { .. }) => failing.push(entry.name.clone()),
-                Err(other) => return Err(other),
-            }
-        }
-        Ok(failing)
+        verify::failing_tensors(&self.index, &self.root)
     }
 
     /// Stops the read threads and frees every unpinned tensor. Live `TensorBytes` stay
@@ -504,19 +475,6 @@ impl Core {
     fn add_wait(&self, started: Instant) {
         let waited = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         Counters::add(&self.cache.counters.wait_ns, waited);
-    }
-}
-
-/// Opens a file for `verify`; `None` when it is missing or no longer a regular file (its
-/// tensors fail verification). Non-blocking: a FIFO in a file's place must not hang `verify`.
-fn open_for_verify(path: &Path) -> Result<Option<std::fs::File>> {
-    match crate::layout::open_regular(path, "a store data file") {
-        Ok(file) => Ok(Some(file)),
-        Err(StoreError::Format { .. }) => Ok(None),
-        Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            Ok(None)
-        }
-        Err(e) => Err(e),
     }
 }
 

@@ -17,11 +17,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::cleanup::{remove_stale_files, WriterLock};
 use crate::codec;
 use crate::dtype::{byte_size, DType};
 use crate::error::{Result, StoreError};
+use crate::fs::sync_dir;
 use crate::index::{Codec, Entry, FileRecord, Index, INDEX_FILE};
-use crate::layout::{self, WriterLock};
+use crate::layout;
 use crate::safetensors::{self, align_up, ShardTensor};
 
 /// One tensor the writer will receive.
@@ -117,7 +119,7 @@ impl StoreWriter {
         fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
         let gen = layout::new_generation();
         let lock = WriterLock::acquire(dir, &gen)?;
-        layout::remove_stale_files(dir, Some(&gen));
+        remove_stale_files(dir, Some(&gen));
         let groups = group_into_shards(&plan, &raw_lengths, opts.shard_size);
         let by_name = plan
             .iter()
@@ -187,7 +189,7 @@ impl StoreWriter {
     pub fn commit(mut self) -> Result<Index> {
         self.check_all_written()?;
         let records = self.finish_files()?;
-        layout::sync_dir(&self.dir)?;
+        sync_dir(&self.dir)?;
         let index = Index::new(records, self.entries());
         if let Err(e) = index.write_atomic(&self.dir, &self.gen) {
             // A failure after the rename (flushing the directory) leaves our index in
@@ -196,7 +198,7 @@ impl StoreWriter {
             return Err(e);
         }
         self.committed = true;
-        layout::remove_stale_files(&self.dir, Some(&self.gen));
+        remove_stale_files(&self.dir, Some(&self.gen));
         Ok(index)
     }
 
