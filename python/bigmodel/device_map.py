@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from bigmodel.budget import remember_planned_budget
 from bigmodel.memory import (
     DeviceKey,
     DtypeLike,
@@ -864,6 +865,7 @@ def infer_auto_device_map(
             verbose,
         )
         device_map = planner.run()
+        remember_planned_budget(model, planner.max_memory)
         if clean_result:
             device_map = clean_device_map(device_map)
     planner.warn_about_offloaded_buffers()

@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from bigmodel.budget import disk_cache_budget
 from bigmodel.device_map import check_device_map
 from bigmodel.hooks import (
     AlignDevicesHook,
@@ -35,6 +36,7 @@ from bigmodel.hooks import (
     add_hook_to_module,
     attach_align_device_hook,
     attach_align_device_hook_on_blocks,
+    share_forward_lock,
 )
 from bigmodel.offload import (
     OffloadedWeightsLoader,
@@ -103,11 +105,13 @@ def disk_offload(
 
     The store is reused when ``offload_dir`` holds one (or an accelerate offload folder) and
     it matches the model; otherwise the model's state dict is written there first.
-    ``max_resident`` (bigmodel extension) bounds the RAM the store's cache keeps.
+    ``max_resident`` (bigmodel extension) bounds the RAM the store's cache keeps; without
+    it the store takes half the memory the machine has available (see `bigmodel.budget`).
     Other arguments as in `cpu_offload`.
     """
     needed = _fetched_tensors(model, [""], offload_buffers)
-    store = _offload_store(offload_dir, lambda: model.state_dict(keep_vars=True), max_resident)
+    budget = disk_cache_budget(model, {"": "disk"}, max_resident)
+    store = _offload_store(offload_dir, lambda: model.state_dict(keep_vars=True), budget)
     sources = _store_sources(store, needed, _tie_candidates(model))
     _check_sources(needed, sources, offload_dir)
     if execution_device is None:
@@ -139,7 +143,14 @@ def _offload_whole_model(model, execution_device, offload_buffers, weights_map, 
         preload_module_classes=preload_classes,
     )
     _tie_meta_placeholders(model, tied_params)
-    attach_prefetcher(model)  # store-served weights are read ahead of their forward
+    _start_serving(model)
+
+
+def _start_serving(model: nn.Module) -> None:
+    """The last step of every offload: store-served weights are read ahead of their forward
+    (and the most used kept resident), and forwards of the model are serialised."""
+    attach_prefetcher(model)
+    share_forward_lock(model)
 
 
 def cpu_offload_with_hook(
@@ -195,7 +206,9 @@ def dispatch_model(
         skip_keys: input/output mapping keys never moved between devices.
         preload_module_classes: class names whose instances load their subtree at once.
         force_hooks: attach hooks even when the whole model is on one device.
-        max_resident: bigmodel extension: RAM budget of the disk store's cache.
+        max_resident: bigmodel extension: RAM budget of the disk store's cache. Without it,
+            the CPU budget the map was planned with (by `infer_auto_device_map`) minus the
+            weights kept in RAM, else a share of the machine's memory (`bigmodel.budget`).
 
     With a single device (no "disk", no ``force_hooks``) the model is simply moved there.
     """
@@ -265,7 +278,7 @@ def _dispatch_with_hooks(model, device_map, main_device, state_dict, options) ->
     # Hooks replace offloaded tensors by placeholders: tie them again.
     retie_parameters(model, tied_params)
     _tie_meta_placeholders(model, tied_params)
-    attach_prefetcher(model)
+    _start_serving(model)
     _guard_moves(model)
 
 
@@ -275,6 +288,11 @@ def _offload_weights_map(
     """The weights map of the offloaded blocks, checked to hold every tensor they fetch."""
     offload_dir, offload_index = options.offload_dir, options.offload_index
     disk_blocks = [name for name, device in device_map.items() if device == "disk"]
+    budget = (
+        disk_cache_budget(model, device_map, options.max_resident)
+        if disk_blocks or offload_index
+        else None
+    )
     if disk_blocks and offload_dir is None and offload_index is None:
         raise ValueError(
             "We need an `offload_dir` to dispatch this model according to this `device_map`, "
@@ -290,13 +308,13 @@ def _offload_weights_map(
     }
     ties = _tie_candidates(model)
     if offload_index is not None:
-        sources = _index_sources(offload_index, offload_dir if disk_blocks else None, ties)
+        sources = _index_sources(offload_index, offload_dir if disk_blocks else None, ties, budget)
         where = "the offload_index"
     elif disk_blocks:
         store = _offload_store(
             offload_dir,
             lambda: _tensors_under(model.state_dict(keep_vars=True), disk_blocks),
-            options.max_resident,
+            budget,
         )
         sources = _store_sources(store, needed, ties)
         where = os.fspath(offload_dir)
@@ -477,14 +495,17 @@ def _store_sources(
 
 
 def _index_sources(
-    offload_index: Mapping[str, Mapping], save_folder, ties: Mapping[str, list[str]]
+    offload_index: Mapping[str, Mapping],
+    save_folder,
+    ties: Mapping[str, list[str]],
+    budget: int | None,
 ) -> dict[str, TensorSource]:
     """name -> source for accelerate's ``offload_index``: ``safetensors_file`` entries are
-    served in place by mounted stores, ``.dat`` entries from the folder."""
+    served in place by mounted stores (sharing ``budget``), ``.dat`` entries from the folder."""
     safetensors_entries = {
         name: entry for name, entry in offload_index.items() if entry.get("safetensors_file")
     }
-    sources = _safetensors_sources(safetensors_entries)
+    sources = _safetensors_sources(safetensors_entries, budget)
     dat_entries = {n: e for n, e in offload_index.items() if n not in safetensors_entries}
     if dat_entries and save_folder is not None:  # without a folder they cannot be read
         dat_files = OffloadedWeightsLoader(save_folder=save_folder, index=dat_entries)
@@ -497,9 +518,12 @@ def _index_sources(
     return sources
 
 
-def _safetensors_sources(entries: Mapping[str, Mapping]) -> dict[str, TensorSource]:
+def _safetensors_sources(
+    entries: Mapping[str, Mapping], budget: int | None
+) -> dict[str, TensorSource]:
     """Mounts the files of ``safetensors_file`` entries (as few stores as names allow: a
-    store cannot hold two tensors of one name) and maps each entry into them."""
+    store cannot hold two tensors of one name) and maps each entry into them. The stores
+    share ``budget`` in proportion to the bytes of their files."""
     files = sorted({entry["safetensors_file"] for entry in entries.values()})
     groups: list[tuple[list[str], set[str]]] = []  # (files, tensor names) per store
     for path in files:
@@ -512,8 +536,12 @@ def _safetensors_sources(entries: Mapping[str, Mapping]) -> dict[str, TensorSour
             group[0].append(path)
             group[1].update(keys)
     store_of = {}
+    total_bytes = sum(map(os.path.getsize, files)) or 1
     for group_files, _ in groups:
-        store = TensorStore.mount(group_files)
+        share = None
+        if budget is not None:
+            share = budget * sum(map(os.path.getsize, group_files)) // total_bytes
+        store = TensorStore.mount(group_files, max_resident=share)
         store_of.update(dict.fromkeys(group_files, store))
     return {
         name: TensorSource(

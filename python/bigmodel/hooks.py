@@ -25,6 +25,7 @@ import functools
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -88,9 +89,12 @@ class ModelHook:
     the keyword arguments.
 
     ``no_grad`` (class attribute, default False): run the forward under ``torch.no_grad()``.
+    ``forward_lock`` (default None): a lock held around the hooked forward (see
+    `share_forward_lock`).
     """
 
     no_grad = False
+    forward_lock: ForwardLock | None = None
 
     def init_hook(self, module: nn.Module) -> nn.Module:
         """Runs when the hook is attached; returns the module."""
@@ -194,6 +198,14 @@ def _is_fx_graph_module(module: nn.Module) -> bool:
 
 
 def _hooked_forward(module: nn.Module, *args, **kwargs):
+    lock = getattr(module._hf_hook, "forward_lock", None)
+    if lock is None:
+        return _run_hooked(module, args, kwargs)
+    with lock:
+        return _run_hooked(module, args, kwargs)
+
+
+def _run_hooked(module: nn.Module, args: tuple, kwargs: dict):
     hook = module._hf_hook
     args, kwargs = hook.pre_forward(module, *args, **kwargs)
     try:
@@ -206,6 +218,42 @@ def _hooked_forward(module: nn.Module, *args, **kwargs):
         _abort_hooks((hook,), module)
         raise
     return hook.post_forward(module, output)
+
+
+class ForwardLock:
+    """The reentrant lock of `share_forward_lock`. A deep copy of a model gets a lock of its
+    own (one for all its hooks: `copy.deepcopy` keeps shared objects shared)."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> ForwardLock:
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._lock.release()
+
+    def __deepcopy__(self, memo: dict) -> ForwardLock:
+        return ForwardLock()
+
+
+def share_forward_lock(model: nn.Module) -> None:
+    """Makes the forwards of ``model``'s hooked modules take one shared, reentrant lock.
+
+    An offloading hook swaps weights into the module for its forward and out again after,
+    and the model's hooks share read-ahead and tied-weight state: two threads running the
+    same dispatched model at once would swap weights out from under each other. With the
+    lock, a second thread waits until the first one's outermost hooked forward returns
+    (for a dispatched model, the whole call), then runs; forwards stay exact. A model
+    without offloaded weights is left alone: its hooks swap nothing."""
+    if next(iter_offload_hooks(model), None) is None:
+        return
+    lock = ForwardLock()
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None:
+            hook.forward_lock = lock
 
 
 def remove_hook_from_module(module: nn.Module, recurse: bool = False) -> nn.Module:

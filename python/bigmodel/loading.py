@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file as safe_load_file
 from torch import nn
 
+from bigmodel.budget import disk_cache_budget
 from bigmodel.device_map import check_device_map, infer_auto_device_map
 from bigmodel.dispatch import dispatch_model
 from bigmodel.hooks import align_module_device, has_offloaded_params
@@ -723,6 +724,8 @@ def load_checkpoint_and_dispatch(
     strict: bool = False,
     full_state_dict: bool = True,
     broadcast_from_rank0: bool = False,
+    *,
+    max_resident: int | str | None = None,
 ) -> nn.Module:
     """Loads a checkpoint into ``model`` and dispatches it according to ``device_map``.
 
@@ -736,6 +739,10 @@ def load_checkpoint_and_dispatch(
     safetensors checkpoint the store mounts the checkpoint files, so nothing but an index is
     written. ``skip_keys``, ``preload_module_classes`` and ``force_hooks`` go to
     ``dispatch_model``; the other arguments to :func:`load_checkpoint_in_model`.
+
+    The disk store's RAM budget (bigmodel extension ``max_resident``) defaults to the CPU
+    budget (``max_memory["cpu"]``, or the one the map was planned with) minus the weights
+    the map keeps in RAM, so that both together stay within it (see `bigmodel.budget`).
 
     Returns the model (dispatched, with ``hf_device_map`` set, unless ``device_map`` is None).
     """
@@ -766,6 +773,8 @@ def load_checkpoint_and_dispatch(
         return model
     if budgets is None and max_memory is not None:
         budgets = get_max_memory(dict(max_memory))
+    cpu_budget = None if budgets is None else budgets.get("cpu")
+    offloads = offloads_to_disk or (max_resident is not None)
     return dispatch_model(
         model,
         device_map=device_map,
@@ -774,21 +783,10 @@ def load_checkpoint_and_dispatch(
         skip_keys=skip_keys,
         preload_module_classes=preload_module_classes,
         force_hooks=force_hooks,
-        max_resident=_disk_cache_budget(model, device_map, budgets, dtype),
+        max_resident=(
+            disk_cache_budget(model, device_map, max_resident, cpu_budget) if offloads else None
+        ),
     )
-
-
-def _disk_cache_budget(model, device_map, budgets, dtype) -> int | None:
-    """RAM left for the disk store's cache: the CPU budget minus the weights kept in RAM.
-
-    The planner keeps room for the largest layer on the CPU, so this is at least one layer:
-    the one computing. Without a CPU budget the cache is unbounded.
-    """
-    if budgets is None or "cpu" not in budgets or "disk" not in device_map.values():
-        return None
-    sizes = compute_module_sizes(model, dtype=dtype)
-    in_ram = sum(sizes[name] for name, device in device_map.items() if device == "cpu")
-    return max(int(budgets["cpu"] - in_ram), 0)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,18 +1,34 @@
-"""Read-ahead for offloaded models.
+"""Read-ahead and residency for offloaded models.
 
-A `ForwardOrderPrefetcher` starts from a guess of the order in which offloaded modules run
-(their registration order, right for most models), so even the first forward reads ahead.
-During the first forward it records the real order, and from then on each offloaded
-module's pre-forward asks the store to read the weights of the modules that come next, so
-reads overlap compute. The look-ahead is sized in bytes to fit the store's RAM budget. A
-module seen out of order just moves the read-ahead to where that module sits; a module never
-seen before is appended to the order, so a changed code path costs speed, never correctness.
+The budget of the store serving a model's offloaded weights is split in two:
+
+- a *kept set*: the weights of the modules that run most often, held for the model's life
+  (up to ``keep_bytes``);
+- a *streaming window*: the weights of the modules about to run (up to
+  ``lookahead_bytes``), read ahead on the store's threads while the current one computes.
+
+Each forward then reads exactly the offloaded bytes outside the kept set. Least-recently-
+used eviction over the whole budget would do worse: a forward visits the layers in the
+same cycle every time, so once the budget holds less than one cycle LRU evicts each layer
+just before its next use and nothing is ever a hit.
+
+What runs next is learned, not assumed. The prefetcher remembers, for each offloaded
+module, which one ran after it last time (starting from registration order, right for most
+models, so even the first forward reads ahead) and reads ahead along that chain. The chain
+follows the model across calls: in an encoder-decoder's ``generate()``, once the encoder
+stops running the decoder's last layer leads back to its first layer, not into the
+encoder. A module on a path not seen before is fetched when it is about to run, and the
+chain learns the new successor: a misprediction costs a read, never correctness.
 """
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from bigmodel.hooks import AlignDevicesHook, iter_offload_hooks
@@ -21,105 +37,153 @@ from bigmodel.store import TensorStore
 # Read-ahead when the store has no byte budget: about two transformer blocks of a 7B model.
 DEFAULT_LOOKAHEAD_BYTES = 512 * 2**20
 
-# (hook, bytes of the weights it fetches)
-_Step = tuple[AlignDevicesHook, int]
+# (store, keys): one `prefetch` call, or the reads that fetch one module's weights
+_Reads = list[tuple[Mapping, list[str]]]
+
+
+@dataclass
+class _Step:
+    """One offloaded module as the prefetcher sees it."""
+
+    hook: AlignDevicesHook
+    nbytes: int  # bytes of the weights its forward fetches from stores
+    reads: _Reads  # the store reads that fetch them, resolved once
+    runs: int = 0
 
 
 class ForwardOrderPrefetcher:
-    """Records the order of offloaded forwards and prefetches the next modules' weights.
+    """Learns the order offloaded modules run in, reads the next ones ahead, and keeps the
+    most used ones resident (see the module docstring).
 
     Args:
         guess: ``(module, hook)`` pairs in the order the modules are expected to run.
         lookahead_bytes: bytes of upcoming weights to keep requested ahead of the module
             that is running (the next module is always requested).
+        keep_bytes: bytes of weights to hold for the model's life.
     """
 
     def __init__(
         self,
         guess: list[tuple[nn.Module, AlignDevicesHook]],
         lookahead_bytes: int = DEFAULT_LOOKAHEAD_BYTES,
+        keep_bytes: int = 0,
     ):
         self.lookahead_bytes = lookahead_bytes
-        self._recording: list[_Step] | None = []  # None once the first forward is recorded
-        self._set_order([(hook, _fetched_bytes(module, hook)) for module, hook in guess])
+        self.keep_bytes = keep_bytes
+        self._steps: dict[int, _Step] = {}
+        for module, hook in guess:
+            self._add(module, hook)
+        ids = list(self._steps)
+        # id(hook) -> id of the hook that ran after it last time (first guess: wrap around)
+        self._next: dict[int, int] = dict(zip(ids, ids[1:] + ids[:1], strict=True))
+        self._last: int | None = None
+        self._since_refill = 0
+        self._windows: dict[int, _Reads] = {}  # cached; cleared when the chain changes
+        self._kept: set[int] = set()
+        self._held: dict[int, list[torch.Tensor]] = {}
+        self._most_runs = 0
+        # Forwards of one model are serialised by its hooks' shared lock; this one guards
+        # the prefetcher's own state against hooks called from elsewhere.
+        self._lock = threading.Lock()
 
     @property
-    def order(self) -> list[AlignDevicesHook]:
-        """The hooks in the order their modules are expected to run."""
-        return [hook for hook, _ in self._order]
+    def kept_bytes(self) -> int:
+        """Bytes of the weights the kept set holds resident now."""
+        return sum(self._steps[key].nbytes for key in self._held)
+
+    def successor(self, hook: AlignDevicesHook) -> AlignDevicesHook | None:
+        """The hook expected to run after ``hook``."""
+        after = self._next.get(id(hook))
+        return None if after is None else self._steps[after].hook
 
     def on_pre_forward(self, module: nn.Module, hook: AlignDevicesHook) -> None:
-        if self._recording is not None:
-            self._record(module, hook)
-        position = self._position.get(id(hook))
-        if position is None:  # a module on a code path never seen before
-            self._set_order([*self._order, (hook, _fetched_bytes(module, hook))])
-            return
-        # In order, the read-ahead is topped up only every half look-ahead of bytes (a call
-        # per module would cost more than it saves); after a jump, at once.
-        in_order = position == (self._last + 1) % len(self._order)
-        self._last = position
-        for store, keys in self._plans[position][0 if in_order else 1]:
-            store.prefetch(keys)
+        with self._lock:
+            key = id(hook)
+            step = self._steps.get(key) or self._add(module, hook)
+            step.runs += 1
+            predicted = self._last is not None and self._next.get(self._last) == key
+            if self._last is not None and not predicted:
+                self._next[self._last] = key
+                self._windows.clear()
+            self._last = key
+            if step.runs > self._most_runs:  # a new cycle starts: re-rank by use
+                self._most_runs = step.runs
+                self._choose_kept()
+            if key in self._kept and key not in self._held:
+                self._held[key] = [store[k] for store, keys in step.reads for k in keys]
+            # In order, the window is topped up every half look-ahead of bytes (a call per
+            # module would cost more than it saves); after a jump, at once.
+            if not predicted or self._since_refill >= self.lookahead_bytes // 2:
+                for store, keys in self._window(key):
+                    store.prefetch(keys)
+                self._since_refill = 0
+            if key not in self._kept:
+                self._since_refill += step.nbytes
 
-    def _record(self, module: nn.Module, hook: AlignDevicesHook) -> None:
-        """Appends to the first forward's order; a module running again ends the recording
-        (the first forward is complete) and the recorded order replaces the guess."""
-        recorded = {id(h) for h, _ in self._recording}
-        if id(hook) not in recorded:
-            self._recording.append((hook, _fetched_bytes(module, hook)))
-            return
-        never_ran = [step for step in self._order if id(step[0]) not in recorded]
-        self._set_order(self._recording + never_ran)
-        self._recording = None
+    def __deepcopy__(self, memo: dict) -> ForwardOrderPrefetcher:
+        """The prefetcher of a deep-copied model: the copied hooks, the same stores, the
+        learned chain and use counts; the copy holds nothing until its kept modules run."""
+        copied = ForwardOrderPrefetcher([], self.lookahead_bytes, self.keep_bytes)
+        new_id = {}
+        for key, step in self._steps.items():
+            hook = copy.deepcopy(step.hook, memo)
+            new_id[key] = id(hook)
+            reads = [(copy.deepcopy(store, memo), list(keys)) for store, keys in step.reads]
+            copied._steps[id(hook)] = _Step(hook, step.nbytes, reads, step.runs)
+        copied._next = {new_id[a]: new_id[b] for a, b in self._next.items()}
+        copied._kept = {new_id[key] for key in self._kept}
+        copied._most_runs = self._most_runs
+        return copied
 
-    def _set_order(self, order: list[_Step]) -> None:
-        self._order = order
-        self._position = {id(hook): i for i, (hook, _) in enumerate(order)}
-        self._last = -1
-        refills = self._refill_points()
-        self._plans = []
-        for position in range(len(order)):
-            window = self._store_keys(self._window_after(position))
-            self._plans.append((window if position in refills else [], window))
+    def release(self) -> None:
+        """Lets go of the kept set (its weights become evictable)."""
+        with self._lock:
+            self._held.clear()
+            self._kept.clear()
+            self.keep_bytes = 0
 
-    def _refill_points(self) -> set[int]:
-        """The positions whose forward tops up the read-ahead when modules run in order: the
-        first, then each one that follows at least half the look-ahead of bytes later. Each
-        top-up requests its whole window again, so a read the budget dropped is retried."""
-        points, since = {0}, 0
-        for position, (_, nbytes) in enumerate(self._order):
-            if since >= self.lookahead_bytes // 2:
-                points.add(position)
-                since = 0
-            since += nbytes
-        return points
+    def _add(self, module: nn.Module, hook: AlignDevicesHook) -> _Step:
+        reads = _resolve(hook.source_map, hook.source_keys())
+        step = _Step(hook, _read_bytes(reads, module, hook), reads)
+        self._steps[id(hook)] = step
+        return step
 
-    def _window_after(self, position: int) -> list[int]:
-        """The positions of the modules that follow ``position`` (wrapping around: the next
-        forward starts again at the top), up to ``lookahead_bytes`` (at least one)."""
-        count = len(self._order)
-        window: list[int] = []
-        ahead = 0
-        for step in range(1, count):
-            window.append((position + step) % count)
-            ahead += self._order[window[-1]][1]
-            if ahead >= self.lookahead_bytes:
-                break
+    def _choose_kept(self) -> None:
+        """The kept set: the most used modules (earliest registered first among equals)
+        whose weights fit ``keep_bytes``."""
+        kept, total = set(), 0
+        for step in sorted(self._steps.values(), key=lambda s: -s.runs):
+            if step.reads and total + step.nbytes <= self.keep_bytes:
+                kept.add(id(step.hook))
+                total += step.nbytes
+        if kept != self._kept:
+            for key in self._kept - kept:
+                self._held.pop(key, None)
+            self._kept = kept
+            self._windows.clear()
+
+    def _window(self, key: int) -> _Reads:
+        """The store reads of the modules expected after ``key`` (following the chain, kept
+        ones skipped), up to ``lookahead_bytes`` (at least one module), grouped by store."""
+        window = self._windows.get(key)
+        if window is not None:
+            return window
+        by_store: dict[int, tuple[Mapping, list[str]]] = {}
+        ahead, seen = 0, {key}
+        position = self._next.get(key)
+        while position is not None and position not in seen and ahead < self.lookahead_bytes:
+            seen.add(position)
+            step = self._steps[position]
+            if position not in self._kept and step.reads:
+                ahead += step.nbytes
+                for store, keys in step.reads:
+                    by_store.setdefault(id(store), (store, []))[1].extend(keys)
+            position = self._next.get(position)
+        window = self._windows[key] = list(by_store.values())
         return window
 
-    def _store_keys(self, positions: list[int]) -> list[tuple[Mapping, list[str]]]:
-        """The store reads that fetch the weights of the modules at ``positions``, grouped
-        by store, resolved once here so a forward only hands ready lists to the stores."""
-        by_store: dict[int, tuple[Mapping, list[str]]] = {}
-        for position in dict.fromkeys(positions):
-            hook = self._order[position][0]
-            for store, keys in _resolve(hook.source_map, hook.source_keys()):
-                by_store.setdefault(id(store), (store, []))[1].extend(keys)
-        return list(by_store.values())
 
-
-def _resolve(source: Mapping | None, keys: list[str]) -> list[tuple[Mapping, list[str]]]:
+def _resolve(source: Mapping | None, keys: list[str]) -> _Reads:
     """Which ``prefetch`` to call with which keys so ``source[key]`` is read ahead: a
     store-backed weights map names its stores; any other source reads ahead itself."""
     resolve = getattr(source, "store_keys", None)
@@ -128,8 +192,11 @@ def _resolve(source: Mapping | None, keys: list[str]) -> list[tuple[Mapping, lis
     return [(source, keys)] if callable(getattr(source, "prefetch", None)) else []
 
 
-def _fetched_bytes(module: nn.Module, hook: AlignDevicesHook) -> int:
-    """Bytes of the tensors the hook fetches, from the module's placeholders (no read)."""
+def _read_bytes(reads: _Reads, module: nn.Module, hook: AlignDevicesHook) -> int:
+    """Bytes the reads fetch: from the stores' indexes (no read), or for other sources
+    from the module's placeholders."""
+    if all(isinstance(store, TensorStore) for store, _ in reads):
+        return sum(store.info(key)["nbytes"] for store, keys in reads for key in keys)
     tensors = dict(module.named_parameters()) | dict(module.named_buffers())
     return sum(
         tensors[name].numel() * tensors[name].element_size()
@@ -162,15 +229,17 @@ def offload_stats(model: nn.Module) -> dict[str, int]:
 
 
 def attach_prefetcher(
-    model: nn.Module, lookahead_bytes: int | None = None
+    model: nn.Module, lookahead_bytes: int | None = None, keep_bytes: int | None = None
 ) -> ForwardOrderPrefetcher | None:
     """Installs one `ForwardOrderPrefetcher` on every offloading hook of ``model`` whose
     weights come from a store that can read ahead. Returns it (None when there is none).
 
-    ``lookahead_bytes`` defaults to what the smallest store budget holds besides two
-    modules' weights (the one running and the one just released; at least half the budget),
-    or `DEFAULT_LOOKAHEAD_BYTES` without a budget. A longer read-ahead keeps the disk busy
-    through compute; one the budget cannot hold would evict reads before their use.
+    By default the smallest store budget is split as follows (L: the largest module's
+    weights, S: all offloaded weights): when S does not fit, the window gets two modules
+    (2 L, or what the budget has besides the running module when that is less) and the
+    kept set the rest, besides the running module. When S fits, or without a budget,
+    nothing needs holding (the cache keeps all it reads) and the window is the budget, or
+    `DEFAULT_LOOKAHEAD_BYTES`.
     """
     guess = [
         (module, hook)
@@ -179,16 +248,23 @@ def attach_prefetcher(
     ]
     if not guess:
         return None
-    if lookahead_bytes is None:
-        budgets = [s.stats()["budget"] for s in offload_stores(model)]
-        budgets = [b for b in budgets if b is not None]
-        largest = max(_fetched_bytes(module, hook) for module, hook in guess)
-        lookahead_bytes = (
-            max(min(budgets) // 2, min(budgets) - 2 * largest)
-            if budgets
-            else DEFAULT_LOOKAHEAD_BYTES
-        )
-    prefetcher = ForwardOrderPrefetcher(guess, lookahead_bytes)
+    prefetcher = ForwardOrderPrefetcher(guess)
+    sizes = [step.nbytes for step in prefetcher._steps.values()]
+    budgets = [s.stats()["budget"] for s in offload_stores(model)]
+    budgets = [b for b in budgets if b is not None]
+    window, kept = _split_budget(min(budgets) if budgets else None, max(sizes), sum(sizes))
+    prefetcher.lookahead_bytes = window if lookahead_bytes is None else lookahead_bytes
+    prefetcher.keep_bytes = kept if keep_bytes is None else keep_bytes
     for _, hook in guess:
         hook.prefetcher = prefetcher
     return prefetcher
+
+
+def _split_budget(budget: int | None, largest: int, total: int) -> tuple[int, int]:
+    """(look-ahead bytes, kept bytes) for a store budget (see `attach_prefetcher`)."""
+    if budget is None:
+        return DEFAULT_LOOKAHEAD_BYTES, 0
+    if total <= budget:
+        return budget, 0
+    window = max(min(2 * largest, budget - largest), 0)
+    return window, max(budget - largest - window, 0)
