@@ -186,6 +186,8 @@ class FlakyStore:
 
 
 def _break_reads_of(model: Stack, name: str, store: TensorStore) -> FlakyStore:
+    """Serves ``name`` through a `FlakyStore` (broken at first). Hooks resolve their
+    sources on their first forward, so this must come before it."""
     flaky = FlakyStore(store, name)
     for _, _, hook in iter_offload_hooks(model):
         sources = getattr(hook.source_map, "sources", {})
@@ -197,9 +199,11 @@ def _break_reads_of(model: Stack, name: str, store: TensorStore) -> FlakyStore:
 def test_a_store_error_while_a_block_loads_releases_what_it_had_loaded(offloaded):
     model, reference, store, x = offloaded
     expected = reference(x)
-    model(x)
     # The bias loads after the weight: the failure comes with the weight already pinned.
     flaky = _break_reads_of(model, "blocks.3.linear.bias", store)
+    flaky.broken = False
+    model(x)
+    flaky.broken = True
     for _ in range(3):
         with pytest.raises(OSError, match="injected read error"):
             model(x)
@@ -230,17 +234,17 @@ def test_an_interrupt_while_weights_are_put_back_still_puts_them_all_back(
     model, reference, store, x = offloaded
     expected = reference(x)
     assert torch.equal(model(x), expected)
-    set_tensor, calls = hooks._set_tensor, []
+    put_back, calls = hooks._put_back, []
 
-    def interrupted_once(module, name, tensor):
-        calls.append(name)
+    def interrupted_once(fetch, tensor):
+        calls.append(fetch.name)
         if len(calls) == restore_call:
             raise KeyboardInterrupt
-        set_tensor(module, name, tensor)
+        put_back(fetch, tensor)
 
-    monkeypatch.setattr(hooks, "_set_tensor", interrupted_once)
+    monkeypatch.setattr(hooks, "_put_back", interrupted_once)
     with pytest.raises(KeyboardInterrupt):
         model(x)
-    monkeypatch.setattr(hooks, "_set_tensor", set_tensor)
+    monkeypatch.setattr(hooks, "_put_back", put_back)
     _assert_everything_released(model, store)
     assert torch.equal(model(x), expected)

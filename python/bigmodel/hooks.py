@@ -21,12 +21,13 @@ overlap the compute the host has already queued.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -307,12 +308,23 @@ class Prefetcher(Protocol):
     def on_pre_forward(self, module: nn.Module, hook: AlignDevicesHook) -> None: ...
 
 
+@dataclass(frozen=True)
+class _Fetch:
+    """One offloaded tensor, resolved once: where it lives in the module, and how to read
+    its value (a closure that goes straight to the store when the weights map allows)."""
+
+    name: str
+    owner: nn.Module
+    leaf: str
+    read: Callable[[], torch.Tensor]
+
+
 @dataclass
 class _Onload:
     """What one offloading pre_forward changed, so post_forward (or an abort) can undo it."""
 
-    # name -> the tensor the module held before (its meta placeholder, usually)
-    replaced: dict[str, torch.Tensor] = field(default_factory=dict)
+    # name -> (its fetch, the tensor the module held before: its meta placeholder, usually)
+    replaced: dict[str, tuple[_Fetch, torch.Tensor]] = field(default_factory=dict)
     # (data pointer, device) entries this forward added to the tied-parameters map
     tied_pointers: set = field(default_factory=set)
 
@@ -369,6 +381,10 @@ class AlignDevicesHook(ModelHook):
         self.module_name: str | None = None
         # One entry per forward in progress (a module may run inside its own forward).
         self._onloads: list[_Onload] = []
+        # `offloaded_names` resolved against `weights_map` (see `_fetches`), and the map
+        # they were resolved against.
+        self._fetch_plan: list[_Fetch] = []
+        self._fetch_plan_source: Mapping | None = None
         # Copies offloaded weights to a CUDA execution device (set by init_hook; None else).
         self._host_to_device: HostToDevice | None = None
 
@@ -378,6 +394,16 @@ class AlignDevicesHook(ModelHook):
             f"io_same_device={self.io_same_device}, offload_buffers={self.offload_buffers}, "
             f"place_submodules={self.place_submodules}, skip_keys={self.skip_keys!r})"
         )
+
+    def __deepcopy__(self, memo: dict) -> AlignDevicesHook:
+        # The fetch plan's readers close over the original weights map: a copy (of a deep-
+        # copied model) resolves its own against its copied map on its first forward.
+        copied = copy.copy(self)
+        memo[id(self)] = copied
+        for attribute, value in self.__dict__.items():
+            setattr(copied, attribute, copy.deepcopy(value, memo))
+        copied._fetch_plan, copied._fetch_plan_source = [], None
+        return copied
 
     @property
     def tied_pointers_to_remove(self) -> set:
@@ -468,30 +494,49 @@ class AlignDevicesHook(ModelHook):
             self.prefetcher.on_pre_forward(module, self)
         self._onloads.append(_Onload())
         try:
-            for name in self.offloaded_names:
-                self._onload(module, name)
+            for fetch in self._fetches(module):
+                self._onload(module, fetch)
             return self._send_inputs(args, kwargs)
         except BaseException:
             self._offload(module)
             raise
 
     def _send_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return (
-            send_to_device(args, self.execution_device),
-            send_to_device(kwargs, self.execution_device, skip_keys=self.skip_keys),
-        )
+        args = send_to_device(args, self.execution_device)
+        if kwargs:
+            kwargs = send_to_device(kwargs, self.execution_device, skip_keys=self.skip_keys)
+        return args, kwargs
 
-    def _onload(self, module: nn.Module, name: str) -> None:
+    def _fetches(self, module: nn.Module) -> list[_Fetch]:
+        """`offloaded_names` resolved to owners and readers, once per weights map (a
+        forward then does no name lookups; replacing ``weights_map`` resolves again)."""
+        if self._fetch_plan_source is not self.weights_map:
+            source, prefix = _strip_prefixes(self.weights_map)
+            reader = getattr(source, "reader", None)
+            self._fetch_plan = [
+                _Fetch(
+                    name,
+                    *_owner(module, name),
+                    reader(prefix + name)
+                    if reader is not None
+                    else functools.partial(self.weights_map.__getitem__, name),
+                )
+                for name in self.offloaded_names
+            ]
+            self._fetch_plan_source = self.weights_map
+        return self._fetch_plan
+
+    def _onload(self, module: nn.Module, fetch: _Fetch) -> None:
         """Fetches one weight from the weights map onto the execution device."""
-        owner, leaf = _owner(module, name)
+        name, owner, leaf = fetch.name, fetch.owner, fetch.leaf
         current = getattr(owner, leaf)
         if _is_on(current, self.execution_device):
             # Already resident (a tie with a resident module, or an enclosing forward of
             # this module loaded it): use it in place, which keeps the tie intact.
             return
         onload = self._onloads[-1]
-        onload.replaced[name] = current
-        value = self.weights_map[name]
+        onload.replaced[name] = (fetch, current)
+        value = fetch.read()
         if self._host_to_device is not None and not self._is_tied(name, value):
             # Queued on a side stream through pinned buffers; this stream waits on the GPU.
             value = self._host_to_device.copy(value)
@@ -608,7 +653,7 @@ class AlignDevicesHook(ModelHook):
     def _restore(self, module: nn.Module, onload: _Onload) -> None:
         while onload.replaced:  # each name leaves the record only after it is restored
             name = next(reversed(onload.replaced))
-            _set_tensor(module, name, onload.replaced[name])
+            _put_back(*onload.replaced[name])
             del onload.replaced[name]
         if type(module).__name__ == "Linear8bitLt":  # bitsandbytes caches derived tensors
             module.state.SCB = None
@@ -670,19 +715,28 @@ def _tensor(module: nn.Module, name: str) -> torch.Tensor:
     return getattr(owner, leaf)
 
 
-def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    owner, leaf = _owner(module, name)
-    if leaf in owner._buffers:
-        owner._buffers[leaf] = tensor
+def _put_back(fetch: _Fetch, tensor: torch.Tensor) -> None:
+    """Sets the tensor ``fetch`` names back to ``tensor`` (what its forward replaced)."""
+    if fetch.leaf in fetch.owner._buffers:
+        fetch.owner._buffers[fetch.leaf] = tensor
     else:
-        owner._parameters[leaf] = tensor
+        fetch.owner._parameters[fetch.leaf] = tensor
 
 
 def _is_on(tensor: torch.Tensor, device) -> bool:
     """True when ``tensor`` has data and is where ``device`` wants it (None: anywhere)."""
-    if tensor.device.type == "meta":
+    if tensor.is_meta:
         return False
-    return device is None or check_device_same(tensor.device, torch.device(device))
+    if device is None:
+        return True
+    target = _parsed_device(device)
+    return tensor.device == target or check_device_same(tensor.device, target)
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_device(device: int | str | torch.device) -> torch.device:
+    """``torch.device(device)``, parsed once per distinct value (hooks ask per weight)."""
+    return torch.device(device)
 
 
 # --------------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ written by accelerate or transformers can be read and written::
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -52,6 +53,8 @@ class StoreWeightsMap(Mapping[str, torch.Tensor]):
 
     ``prefetch(names)`` forwards to the stores that have a ``prefetch`` method, so a
     prefetcher can start the reads of the next modules without knowing where they live.
+    Offloading hooks resolve each name once, with `reader`, on their first forward: give
+    a hook a new map rather than changing a map's ``sources`` under it.
     """
 
     def __init__(
@@ -83,6 +86,21 @@ class StoreWeightsMap(Mapping[str, torch.Tensor]):
             raise KeyError(name)
         value = source.store[source.key]
         return value if source.dtype is None else value.to(source.dtype)
+
+    def reader(self, name: str) -> Callable[[], torch.Tensor]:
+        """A function returning ``self[name]``, resolved once (see `TensorStore.reader`)."""
+        if name in self.state_dict or name not in self.sources:
+            return functools.partial(self.__getitem__, name)
+        store, key, dtype = self.sources[name]
+        make_reader = getattr(store, "reader", None)
+        read = (
+            make_reader(key)
+            if make_reader is not None
+            else functools.partial(store.__getitem__, key)
+        )
+        if dtype is None:
+            return read
+        return lambda: read().to(dtype)
 
     def __contains__(self, name: object) -> bool:
         return name in self.state_dict or name in self.sources

@@ -9,8 +9,9 @@ the cache keeps everything else within the ``max_resident`` byte budget.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,13 +161,23 @@ class TensorStore(Mapping[str, torch.Tensor]):
         return self
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        return self.reader(name)()
+
+    def reader(self, name: str) -> Callable[[], torch.Tensor]:
+        """A function that reads ``name`` (as ``store[name]`` does) with its entry looked up
+        once: for callers that read the same tensor again and again (offloading hooks)."""
         entry = self._entries.get(name)
         if entry is None:
             raise TensorNotFoundError(f"tensor {name!r} is not in the store {self.location}")
+        dtype, shape, get = entry.dtype, entry.shape, self._core.get
         if entry.nbytes == 0:
-            return torch.empty(entry.shape, dtype=entry.dtype)
-        # The tensor holds the buffer, which keeps the pinned bytes alive.
-        return torch.frombuffer(self._core.get(name), dtype=entry.dtype).view(entry.shape)
+            return functools.partial(torch.empty, shape, dtype=dtype)
+
+        def read() -> torch.Tensor:
+            # The tensor holds the buffer, which keeps the pinned bytes alive.
+            return torch.frombuffer(get(name), dtype=dtype).view(shape)
+
+        return read
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
