@@ -25,6 +25,7 @@ _EXPORTS = {
     "infer_auto_device_map": "device_map",
     "load_checkpoint_in_model": "loading",
     "load_checkpoint_and_dispatch": "loading",
+    "patch_accelerate": "integration",
     "TensorStore": "store",
     "write_store": "store",
     "StoreError": "errors",
@@ -51,6 +52,7 @@ __all__ = [
     "init_on_device",
     "load_checkpoint_and_dispatch",
     "load_checkpoint_in_model",
+    "patch_accelerate",
     "write_store",
 ]
 
@@ -80,5 +82,6 @@ if TYPE_CHECKING:
         TensorNotFoundError,
     )
     from bigmodel.hooks import attach_layerwise_casting_hooks
+    from bigmodel.integration import patch_accelerate
     from bigmodel.loading import load_checkpoint_and_dispatch, load_checkpoint_in_model
     from bigmodel.store import TensorStore, write_store

@@ -435,6 +435,9 @@ class AlignDevicesHook(ModelHook):
         return module
 
     def _init_offload(self, module: nn.Module) -> None:
+        from bigmodel.wrapped import watch_offloaded_modules  # imports this module
+
+        watch_offloaded_modules()  # adapters added around offloaded modules must not run
         self._host_to_device = host_to_device(self.execution_device)
         self.original_devices = {
             name: tensor.device

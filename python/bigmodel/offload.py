@@ -112,6 +112,24 @@ class StoreWeightsMap(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self.state_dict) + len(self.sources)
 
+    @functools.cached_property
+    def index(self) -> dict[str, dict]:
+        """accelerate's offload index of the store-served names, as `OffloadedWeightsLoader`
+        holds it, for code written against accelerate that reads it (peft rebuilds the
+        ``offload_index`` of a dispatched model from ``weights_map.dataset.index``).
+
+        A tensor stored uncompressed in a safetensors file (a mounted checkpoint or a
+        bigmodel shard) gets ``{"safetensors_file", "weight_name", "dtype"}``, one in an
+        accelerate ``.dat`` file ``{"dtype", "shape"}``. Compressed tensors have no entry:
+        no accelerate reader could serve them.
+        """
+        index = {}
+        for name, source in self.sources.items():
+            entry = _offload_index_entry(source)
+            if entry is not None:
+                index[name] = entry
+        return index
+
     def prefetch(self, names: Iterable[str]) -> None:
         """Starts background reads of the store-served ``names``; returns at once."""
         for store, keys in self.store_keys(names):
@@ -127,6 +145,28 @@ class StoreWeightsMap(Mapping[str, torch.Tensor]):
                 continue  # in RAM already, or a store that cannot read ahead
             keys_by_store.setdefault(id(source.store), (source.store, []))[1].append(source.key)
         return list(keys_by_store.values())
+
+
+def _offload_index_entry(source: TensorSource) -> dict | None:
+    """accelerate's offload-index entry for one store-served tensor (see
+    `StoreWeightsMap.index`), or None when no accelerate reader could serve it."""
+    loader_index = getattr(source.store, "index", None)  # an OffloadedWeightsLoader
+    if isinstance(loader_index, Mapping):
+        return loader_index.get(source.key)
+    info = getattr(source.store, "info", None)
+    if info is None:
+        return None
+    stored = info(source.key)
+    if stored["codec"] != "none":
+        return None
+    dtype = _dtype_name(source.dtype or stored["dtype"])
+    if stored["file"].endswith(".dat"):
+        return {"dtype": dtype, "shape": list(stored["shape"])}
+    return {"safetensors_file": stored["file"], "weight_name": source.key, "dtype": dtype}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 # --------------------------------------------------------------------------------------
@@ -156,7 +196,7 @@ def _as_numpy(weight: torch.Tensor) -> tuple[np.ndarray, str]:
     """The tensor's bytes as a numpy array, and the dtype name the index records."""
     # Detached: accelerate refused tensors that require grad (a raw nn.Parameter).
     weight = weight.detach().cpu()
-    dtype_name = str(weight.dtype).removeprefix("torch.")
+    dtype_name = _dtype_name(weight.dtype)
     if weight.dtype == torch.bfloat16:
         return weight.view(torch.int16).numpy(), dtype_name
     if dtype_name.startswith("float8_"):

@@ -1,0 +1,100 @@
+"""A clear error, instead of wrong outputs, for layers added around offloaded modules after
+dispatch whose weights were left on the ``meta`` device.
+
+peft (``get_peft_model``, and transformers' ``load_adapter``, which uses it) wraps each target
+module in a layer that also holds the adapter's weights, and moves those weights to the device
+of the target's weight. For an offloaded module that weight is a ``meta`` placeholder, so the
+adapter's values are dropped; on CPU ``F.linear`` with a meta weight then returns uninitialised
+memory, and the model's outputs are silently wrong (accelerate behaves the same). No offload
+hook can serve those weights: nothing holds their values any more.
+
+So when an offloaded module is registered under a new parent (peft's layers take the wrapped
+module as ``base_layer`` in their constructor), the parent gets a forward pre-hook that, before
+each of its forwards, refuses meta tensors that no offload hook serves, naming the modules and
+the fix. A wrapper whose weights are real (loaded with ``low_cpu_mem_usage=True``, which
+assigns them later) runs as usual; only wrappers of offloaded modules pay for the check.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from bigmodel.hooks import AlignDevicesHook, _offload_hook
+
+_install_lock = threading.Lock()
+_installed = False
+# The parents given the check (each gets it once).
+_wrappers: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def watch_offloaded_modules() -> None:
+    """Installs (once per process) the torch module-registration hook that gives the new
+    parents of offloaded modules their check. Called when an offload hook is attached."""
+    global _installed
+    with _install_lock:
+        if not _installed:
+            torch.nn.modules.module.register_module_module_registration_hook(_on_registered)
+            _installed = True
+
+
+def _on_registered(parent: nn.Module, name: str, child: nn.Module | None):
+    # Runs on every submodule assignment in the process: the common case must stay cheap.
+    if child is None or parent in _wrappers or _offload_hook(_hook_of(child)) is None:
+        return None
+    _wrappers.add(parent)
+    parent.register_forward_pre_hook(_refuse_unserved_meta_tensors)
+    return None
+
+
+def _hook_of(module: nn.Module):
+    return module.__dict__.get("_hf_hook")
+
+
+def _refuse_unserved_meta_tensors(wrapper: nn.Module, args) -> None:
+    names = list(_unserved_meta_tensors(wrapper))
+    if not names:
+        return
+    raise RuntimeError(
+        f"{type(wrapper).__module__}.{type(wrapper).__qualname__} around the offloaded module '{_offloaded_name(wrapper)}' "
+        f"was added after the model was dispatched, and its tensors {', '.join(names)} are on "
+        "the meta device with no values: they were moved to the device of the offloaded "
+        "weight, a placeholder, so this forward would compute with uninitialised memory (the "
+        "same holds for every layer added around an offloaded module after dispatch). Add "
+        "adapters before dispatching: load the base model without a device_map, apply the "
+        "adapter (get_peft_model, load_adapter), then dispatch it; or use "
+        "PeftModel.from_pretrained(base_model, adapter), which dispatches the model again "
+        "with the adapter's weights."
+    )
+
+
+def _unserved_meta_tensors(wrapper: nn.Module) -> Iterator[str]:
+    """Names (relative to ``wrapper``) of its meta parameters and buffers that no offload
+    hook fetches: those of modules without an offloading hook, outside the subtree of a
+    hook that places its submodules."""
+    served_subtrees: list[str] = []
+    for name, module in wrapper.named_modules():
+        if any(name.startswith(subtree) for subtree in served_subtrees):
+            continue
+        hook = _offload_hook(_hook_of(module))
+        if hook is not None:
+            if hook.place_submodules:
+                served_subtrees.append(f"{name}." if name else "")
+            continue
+        prefix = f"{name}." if name else ""
+        for tensor_name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is not None and tensor.device.type == "meta":
+                yield prefix + tensor_name
+
+
+def _offloaded_name(wrapper: nn.Module) -> str:
+    """The dotted name, in its model, of the offloaded module ``wrapper`` wraps."""
+    for module in wrapper.modules():
+        hook = _offload_hook(_hook_of(module))
+        if isinstance(hook, AlignDevicesHook) and hook.module_name:
+            return hook.module_name
+    return type(wrapper).__name__
