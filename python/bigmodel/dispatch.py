@@ -8,7 +8,8 @@ Every weight that lives on disk is served by ONE bigmodel store in the offload f
 - a folder written by accelerate or transformers (``index.json`` + ``.dat`` files) is mounted
   in place, nothing copied;
 - otherwise the weights are written there as a store (never as ``.dat`` files); a tensor tied
-  between modules is written once.
+  between modules is written once, and its other names are recorded beside the store
+  (``bigmodel.ties.json``), so that an untied instance of the same model can reuse the folder.
 
 Unlike accelerate, an existing folder is checked against the model before it is used: a
 missing tensor or a shape mismatch raises a `ValueError` naming it.
@@ -17,6 +18,7 @@ missing tensor or a shape mismatch raises a `ValueError` naming it.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -51,6 +53,9 @@ from bigmodel.tied import find_tied_parameters, retie_parameters
 logger = logging.getLogger(__name__)
 
 STORE_INDEX_FILE = "bigmodel.index.json"  # a bigmodel store (written or mount)
+# Beside a store that bigmodel wrote from a model with tied tensors: each tied name that was
+# not written -> the name its tensor was written under, so an untied twin can reuse the store.
+WRITTEN_TIES_FILE = "bigmodel.ties.json"
 ACCELERATE_INDEX_FILE = "index.json"  # an accelerate offload folder (.dat files)
 _OFFLOADED_DEVICES = ("cpu", "disk")
 # How many offending names an error message lists before summarising the rest.
@@ -112,7 +117,7 @@ def disk_offload(
     needed = _fetched_tensors(model, [""], offload_buffers)
     budget = disk_cache_budget(model, {"": "disk"}, max_resident)
     store = _offload_store(offload_dir, lambda: model.state_dict(keep_vars=True), budget)
-    sources = _store_sources(store, needed, _tie_candidates(model))
+    sources = _store_sources(store, needed, _tie_candidates(model), _written_ties(offload_dir))
     _check_sources(needed, sources, offload_dir)
     if execution_device is None:
         execution_device = _first_parameter_device(model)
@@ -316,7 +321,7 @@ def _offload_weights_map(
             lambda: _tensors_under(model.state_dict(keep_vars=True), disk_blocks),
             budget,
         )
-        sources = _store_sources(store, needed, ties)
+        sources = _store_sources(store, needed, ties, _written_ties(offload_dir))
         where = os.fspath(offload_dir)
     else:
         sources, where = {}, "the state_dict"
@@ -419,7 +424,7 @@ def _offload_store(
         return TensorStore.open(offload_dir, max_resident=max_resident)
     if os.path.isfile(os.path.join(offload_dir, ACCELERATE_INDEX_FILE)):
         return TensorStore.mount(offload_dir, max_resident=max_resident)
-    tensors = _first_name_per_tensor(tensors_to_write())
+    tensors, ties = _first_name_per_tensor(tensors_to_write())
     on_meta = [name for name, tensor in tensors.items() if tensor.device.type == "meta"]
     if on_meta:
         raise ValueError(
@@ -427,19 +432,48 @@ def _offload_store(
             "device they have no data, and the folder holds no store to read them from. Load "
             "the weights first, or pass the folder of a store that holds them."
         )
+    # Written before the store commits, so a committed store always has its ties beside it.
+    _write_ties(offload_dir, ties)
     write_store(offload_dir, {name: tensor.detach() for name, tensor in tensors.items()})
     return TensorStore.open(offload_dir, max_resident=max_resident)
 
 
-def _first_name_per_tensor(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``tensors`` without the later names of a tensor that appears several times (ties)."""
-    seen: set[int] = set()
+def _first_name_per_tensor(
+    tensors: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``tensors`` without the later names of a tensor that appears several times (ties),
+    and each left-out name -> the name kept for its tensor."""
+    first_name: dict[int, str] = {}
     unique = {}
+    ties = {}
     for name, tensor in tensors.items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
+        kept = first_name.setdefault(id(tensor), name)
+        if kept == name:
             unique[name] = tensor
-    return unique
+        else:
+            ties[name] = kept
+    return unique, ties
+
+
+def _write_ties(offload_dir: str | os.PathLike, ties: Mapping[str, str]) -> None:
+    path = os.path.join(offload_dir, WRITTEN_TIES_FILE)
+    if not ties:
+        if os.path.exists(path):  # left by an earlier store in this folder
+            os.remove(path)
+        return
+    os.makedirs(offload_dir, exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(ties, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _written_ties(offload_dir: str | os.PathLike) -> dict[str, str]:
+    """The ties `_offload_store` recorded beside the store it wrote (empty if none)."""
+    path = os.path.join(offload_dir, WRITTEN_TIES_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _tie_candidates(model: nn.Module) -> dict[str, list[str]]:
@@ -483,12 +517,19 @@ def _tensors_under(tensors: Mapping[str, torch.Tensor], blocks: Iterable[str]) -
 
 
 def _store_sources(
-    store: TensorStore, names: Iterable[str], ties: Mapping[str, list[str]]
+    store: TensorStore,
+    names: Iterable[str],
+    ties: Mapping[str, list[str]],
+    written_ties: Mapping[str, str],
 ) -> dict[str, TensorSource]:
-    """name -> where ``store`` holds it (under its own name or a tied partner's)."""
+    """name -> where ``store`` holds it: under its own name or a tied partner's (``ties``,
+    from the model), else under the name a tied model wrote it (``written_ties``)."""
     sources = {}
     for name in names:
-        key = next((k for k in ties.get(name, (name,)) if k in store), None)
+        candidates = list(ties.get(name, (name,)))
+        if name in written_ties:
+            candidates.append(written_ties[name])
+        key = next((k for k in candidates if k in store), None)
         if key is not None:
             sources[name] = TensorSource(store, key)
     return sources
