@@ -180,9 +180,7 @@ def _replacements(to_bigmodel: bool) -> dict[int, tuple[object, object]]:
         accelerate_module = sys.modules[module_name]
         for name, bigmodel_module in names.items():
             # Read accelerate's object once, while it is still accelerate's.
-            original = _originals.setdefault(
-                (module_name, name), getattr(accelerate_module, name)
-            )
+            original = _originals.setdefault((module_name, name), getattr(accelerate_module, name))
             ours = _bigmodel_object(name, bigmodel_module)
             old, new = (original, ours) if to_bigmodel else (ours, original)
             pairs[id(old)] = (old, new)

@@ -11,8 +11,8 @@ hook can serve those weights: nothing holds their values any more.
 So when an offloaded module is registered under a new parent (peft's layers take the wrapped
 module as ``base_layer`` in their constructor), the parent gets a forward pre-hook that, before
 each of its forwards, refuses meta tensors that no offload hook serves, naming the modules and
-the fix. A wrapper whose weights are real (loaded with ``low_cpu_mem_usage=True``, which
-assigns them later) runs as usual; only wrappers of offloaded modules pay for the check.
+the fix. A wrapper whose tensors all hold values (assigned after the wrapping, say) runs as
+usual; only wrappers of offloaded modules pay for the check (a walk over their few tensors).
 """
 
 from __future__ import annotations
@@ -59,16 +59,17 @@ def _refuse_unserved_meta_tensors(wrapper: nn.Module, args) -> None:
     names = list(_unserved_meta_tensors(wrapper))
     if not names:
         return
+    wrapper_class = f"{type(wrapper).__module__}.{type(wrapper).__qualname__}"
     raise RuntimeError(
-        f"{type(wrapper).__module__}.{type(wrapper).__qualname__} around the offloaded module '{_offloaded_name(wrapper)}' "
+        f"{wrapper_class} around the offloaded module '{_offloaded_name(wrapper)}' "
         f"was added after the model was dispatched, and its tensors {', '.join(names)} are on "
         "the meta device with no values: they were moved to the device of the offloaded "
         "weight, a placeholder, so this forward would compute with uninitialised memory (the "
         "same holds for every layer added around an offloaded module after dispatch). Add "
         "adapters before dispatching: load the base model without a device_map, apply the "
-        "adapter (get_peft_model, load_adapter), then dispatch it; or use "
-        "PeftModel.from_pretrained(base_model, adapter), which dispatches the model again "
-        "with the adapter's weights."
+        "adapter (get_peft_model, load_adapter), then dispatch it; or load it with "
+        "PeftModel.from_pretrained(base_model, adapter, max_memory=..., offload_folder=...), "
+        "which dispatches the model again, adapter included."
     )
 
 
