@@ -5,6 +5,8 @@ with placeholder memory."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from _ecosystem import (  # noqa: F401
@@ -101,3 +103,27 @@ def test_lora_added_before_dispatch_is_served_from_disk(saved, tmp_path):
     lora = model.get_submodule(f"base_model.model.{DISK_LAYER}.lora_A.default")
     assert lora.weight.device.type == "meta"  # served by its offload hook
     assert torch.equal(logits(model), expected)
+
+
+class _AddsAProjection(torch.nn.Module):
+    """A layer wrapped after dispatch, with a weight of its own that holds values."""
+
+    def __init__(self, base_layer: torch.nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.extra = torch.nn.Linear(4, 4, bias=False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.extra(x)
+
+
+def test_a_layer_wrapped_after_dispatch_whose_weights_hold_values_runs(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    reference = copy.deepcopy(model)
+    bigmodel.disk_offload(model, tmp_path / "offload")
+    model[0] = _AddsAProjection(model[0])
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        expected = reference[2](reference[1](reference[0](x) + model[0].extra(x)))
+        assert torch.equal(model(x), expected)

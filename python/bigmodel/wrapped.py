@@ -17,6 +17,7 @@ usual; only wrappers of offloaded modules pay for the check (a walk over their f
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 from collections.abc import Iterator
@@ -73,23 +74,18 @@ def _refuse_unserved_meta_tensors(wrapper: nn.Module, args) -> None:
     )
 
 
-def _unserved_meta_tensors(wrapper: nn.Module) -> Iterator[str]:
-    """Names (relative to ``wrapper``) of its meta parameters and buffers that no offload
-    hook fetches: those of modules without an offloading hook, outside the subtree of a
-    hook that places its submodules."""
-    served_subtrees: list[str] = []
-    for name, module in wrapper.named_modules():
-        if any(name.startswith(subtree) for subtree in served_subtrees):
-            continue
-        hook = _offload_hook(_hook_of(module))
-        if hook is not None:
-            if hook.place_submodules:
-                served_subtrees.append(f"{name}." if name else "")
-            continue
-        prefix = f"{name}." if name else ""
-        for tensor_name, tensor in [*module._parameters.items(), *module._buffers.items()]:
-            if tensor is not None and tensor.device.type == "meta":
-                yield prefix + tensor_name
+def _unserved_meta_tensors(module: nn.Module, prefix: str = "") -> Iterator[str]:
+    """Names (relative to the wrapper) of the meta parameters and buffers under ``module``
+    that no offload hook fetches. The subtree of a module with an offloading hook is skipped:
+    its hooks serve it, and a layer added inside it later is a wrapper with its own check."""
+    if _offload_hook(_hook_of(module)) is not None:
+        return
+    for name, tensor in itertools.chain(module._parameters.items(), module._buffers.items()):
+        if tensor is not None and tensor.device.type == "meta":
+            yield prefix + name
+    for child_name, child in module._modules.items():
+        if child is not None:
+            yield from _unserved_meta_tensors(child, f"{prefix}{child_name}.")
 
 
 def _offloaded_name(wrapper: nn.Module) -> str:
