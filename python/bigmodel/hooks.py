@@ -516,16 +516,19 @@ class AlignDevicesHook(ModelHook):
         if self._fetch_plan_source is not self.weights_map:
             source, prefix = _strip_prefixes(self.weights_map)
             reader = getattr(source, "reader", None)
-            self._fetch_plan = [
-                _Fetch(
-                    name,
-                    *_owner(module, name),
-                    reader(prefix + name)
-                    if reader is not None
-                    else functools.partial(self.weights_map.__getitem__, name),
-                )
-                for name in self.offloaded_names
-            ]
+            self._fetch_plan = []
+            for name in self.offloaded_names:
+                owner, leaf = _owner(module, name)
+                if reader is None:
+                    read = functools.partial(self.weights_map.__getitem__, name)
+                elif leaf in owner._buffers:
+                    # A module may write its buffers (batch-norm statistics): it gets a
+                    # private copy, as from accelerate's disk offload, never the bytes the
+                    # store shares with other holders.
+                    read = _private_copies(reader(prefix + name))
+                else:
+                    read = reader(prefix + name)
+                self._fetch_plan.append(_Fetch(name, owner, leaf, read))
             self._fetch_plan_source = self.weights_map
         return self._fetch_plan
 
@@ -716,6 +719,10 @@ def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
 def _tensor(module: nn.Module, name: str) -> torch.Tensor:
     owner, leaf = _owner(module, name)
     return getattr(owner, leaf)
+
+
+def _private_copies(read: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    return lambda: read().clone()
 
 
 def _put_back(fetch: _Fetch, tensor: torch.Tensor) -> None:
