@@ -57,7 +57,14 @@ __all__ = [
 ]
 
 
+# Submodules reachable as attributes after a plain ``import bigmodel``, as ``accelerate.utils``
+# and ``accelerate.hooks`` are after ``import accelerate``; imported on first use too.
+_SUBMODULES = ("hooks", "utils")
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return import_module(f"bigmodel.{name}")  # the import sets the attribute
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'bigmodel' has no attribute {name!r}")
@@ -67,7 +74,7 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
 
 
 if TYPE_CHECKING:

@@ -28,11 +28,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file as safe_load_file
 from torch import nn
 
+from bigmodel import _core
 from bigmodel.budget import disk_cache_budget
 from bigmodel.device_map import check_device_map, infer_auto_device_map
 from bigmodel.dispatch import dispatch_model
 from bigmodel.hooks import align_module_device, has_offloaded_params
 from bigmodel.memory import compute_module_sizes, get_balanced_memory, get_max_memory
+from bigmodel.sizes import format_size
 from bigmodel.store import TensorStore, write_mount, write_store
 from bigmodel.tensors import set_module_tensor_to_device
 from bigmodel.tied import (
@@ -69,12 +71,17 @@ def checkpoint_files(checkpoint: str | os.PathLike) -> list[str]:
     """The files holding a checkpoint, in the order they are loaded.
 
     ``checkpoint`` is a file ending in ``.json`` (the index of a sharded checkpoint), any other
-    file (a whole state dict), or a folder holding ``pytorch_model.bin`` (preferred),
-    ``model.safetensors``, or exactly one ``*.index.json``. Shards are sorted by file name.
+    file (a whole state dict), a bigmodel store (its directory, read as one source, or its
+    index file), or a folder holding ``pytorch_model.bin`` (preferred), ``model.safetensors``,
+    or exactly one ``*.index.json``. Shards are sorted by file name.
     """
     path = os.fspath(checkpoint)
+    if os.path.isfile(path) and os.path.basename(path) == _core.INDEX_FILE:
+        return [os.path.dirname(path) or "."]
     if os.path.isfile(path):
         return _shards_of_index(path) if path.endswith(".json") else [path]
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, _core.INDEX_FILE)):
+        return [path]
     if os.path.isdir(path):
         return _files_in_folder(path)
     raise ValueError(
@@ -202,16 +209,18 @@ class _CheckpointTensor:
     file: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    mountable: bool  # lives in a safetensors file the offload store can serve in place
+    # The safetensors file that holds the tensor's bytes as they are, so the offload store can
+    # serve it in place; None when it must be written (torch files, compressed tensors).
+    mount_file: str | None
 
 
 class _CheckpointReader:
     """Every tensor of a checkpoint, without reading any data up front.
 
-    Safetensors files are mounted (zero-copy views of the file); torch files are loaded with
-    ``mmap=True`` so a tensor's bytes are only read when used. ``catalog`` holds each name's
-    file, dtype and shape; a name present in several files comes from the last one, as when
-    accelerate loads the shards in order.
+    Safetensors files are mounted (zero-copy views of the file) and bigmodel stores opened;
+    torch files are loaded with ``mmap=True`` so a tensor's bytes are only read when used.
+    ``catalog`` holds each name's file, dtype and shape; a name present in several files
+    comes from the last one, as when accelerate loads the shards in order.
     """
 
     def __init__(self, files: Iterable[str]):
@@ -251,6 +260,8 @@ class _CheckpointReader:
 
 
 def _open_lazily(path: str) -> Mapping[str, torch.Tensor]:
+    if os.path.isdir(path):  # a bigmodel store
+        return TensorStore.open(path, max_resident=0, populate_views=False)
     if path.endswith(".safetensors"):
         _check_safetensors_format(path)
         # No cache budget: a tensor that was cast (or offloaded) gives its pages back as soon
@@ -268,9 +279,11 @@ def _open_lazily(path: str) -> Mapping[str, torch.Tensor]:
 def _describe(source: Mapping[str, torch.Tensor], name: str, path: str) -> _CheckpointTensor:
     if isinstance(source, TensorStore):
         info = source.info(name)
-        return _CheckpointTensor(path, info["dtype"], tuple(info["shape"]), mountable=True)
+        in_place = info["codec"] == "none" and info["file"].endswith(".safetensors")
+        mount_file = info["file"] if in_place else None
+        return _CheckpointTensor(path, info["dtype"], tuple(info["shape"]), mount_file)
     tensor = source[name]
-    return _CheckpointTensor(path, tensor.dtype, tuple(tensor.shape), mountable=False)
+    return _CheckpointTensor(path, tensor.dtype, tuple(tensor.shape), mount_file=None)
 
 
 # --------------------------------------------------------------------------------------
@@ -321,14 +334,6 @@ def _check_device_map_for_loading(model: nn.Module, device_map: Mapping[str, obj
     check_device_map(model, device_map)
 
 
-def _format_size(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(nbytes) < 1000 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
-        nbytes /= 1000
-    raise AssertionError("unreachable")
-
-
 def _missing_offload_folder_error(
     model: nn.Module, device_map: Mapping[str, object], dtype, budgets: Mapping | None
 ) -> ValueError:
@@ -342,17 +347,17 @@ def _missing_offload_folder_error(
     lines = [
         "At least one of the model submodule will be offloaded to disk, please pass along an "
         f'`offload_folder`. {len(disk_keys)} entries of the device_map go to "disk" '
-        f"({_format_size(sum(sizes.get(key, 0) for key in disk_keys))}):",
-        *(f"  {key}: {_format_size(sizes.get(key, 0))}" for key in disk_keys),
+        f"({format_size(sum(sizes.get(key, 0) for key in disk_keys))}):",
+        *(f"  {key}: {format_size(sizes.get(key, 0))}" for key in disk_keys),
         "What each device holds:",
     ]
     for device in dict.fromkeys([*(budgets or {}), *placed]):
         if device == "disk":
             continue
-        line = f"  {device!r}: {_format_size(placed.get(device, 0))} placed"
+        line = f"  {device!r}: {format_size(placed.get(device, 0))} placed"
         if budgets and device in budgets:
             left = budgets[device] - placed.get(device, 0)
-            line += f" of a {_format_size(budgets[device])} budget ({_format_size(left)} left)"
+            line += f" of a {format_size(budgets[device])} budget ({format_size(left)} left)"
         lines.append(line)
     lines.append("Pass `offload_folder=<a directory>` or raise `max_memory`.")
     return ValueError("\n".join(lines))
@@ -503,8 +508,8 @@ def _commit_offload_store(folder: str, plan: _LoadPlan, reader: _CheckpointReade
             continue
         if route.source is None:
             to_write[name] = _model_tensor(model, name).detach()
-        elif reader.catalog[route.source].mountable:
-            mounted_files.add(reader.catalog[route.source].file)
+        elif reader.catalog[route.source].mount_file is not None:
+            mounted_files.add(reader.catalog[route.source].mount_file)
         else:
             to_write[name] = reader[route.source]
     mounted_files = sorted(mounted_files)

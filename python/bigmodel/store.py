@@ -9,6 +9,7 @@ the cache keeps everything else within the ``max_resident`` byte budget.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from bigmodel import _core
 from bigmodel.errors import TensorNotFoundError
-from bigmodel.memory import convert_file_size_to_int
+from bigmodel.sizes import parse_size
 
 # safetensors dtype names <-> torch dtypes, for every dtype both support.
 _TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -56,7 +57,12 @@ class _Entry:
 
 
 def _byte_budget(size: int | str | None) -> int | None:
-    return None if size is None else convert_file_size_to_int(size)
+    return None if size is None else parse_size(size, "max_resident")
+
+
+def _names(names: str | Iterable[str]) -> list[str]:
+    """A list of tensor names; a single name may be passed as a string."""
+    return [names] if isinstance(names, str) else list(names)
 
 
 class TensorStore(Mapping[str, torch.Tensor]):
@@ -86,7 +92,8 @@ class TensorStore(Mapping[str, torch.Tensor]):
     ) -> TensorStore:
         """Opens the store committed in directory ``path``, validating its whole index first.
 
-        ``max_resident`` bounds the bytes kept in RAM (an int or a size string like "512MB");
+        ``max_resident`` bounds the bytes kept in RAM: bytes, or a size such as "512MB" or
+        "2GiB" (see `bigmodel.sizes`);
         ``verify_reads`` checks every tensor's checksum when it is read.
 
         ``zero_copy=True`` serves uncompressed tensors as views of a private mapping of the
@@ -188,21 +195,21 @@ class TensorStore(Mapping[str, torch.Tensor]):
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
-    def prefetch(self, names: Iterable[str]) -> None:
-        """Starts background reads of ``names`` and returns at once."""
-        self._core.prefetch(list(names))
+    def prefetch(self, names: str | Iterable[str]) -> None:
+        """Starts background reads of ``names`` (one name or several) and returns at once."""
+        self._core.prefetch(_names(names))
 
-    def will_need(self, names: Iterable[str]) -> None:
+    def will_need(self, names: str | Iterable[str]) -> None:
         """Asks the kernel to start reading ``names`` from disk (page-cache readahead) and
         returns at once; nothing is pinned or counted against the budget. Call it before
         reading many tensors one after the other, so the disk never waits on the reader."""
-        self._core.will_need(list(names))
+        self._core.will_need(_names(names))
 
-    def populate_in_background(self, names: Iterable[str]) -> None:
+    def populate_in_background(self, names: str | Iterable[str]) -> None:
         """Makes the zero-copy views of ``names`` resident on a background thread, in order,
         and returns at once: for a store opened with ``populate_views=False``, whose views
         would otherwise be read on first touch. Nothing is pinned or counted."""
-        self._core.populate_in_background(list(names))
+        self._core.populate_in_background(_names(names))
 
     def info(self, name: str) -> dict:
         """dtype, shape, nbytes, stored_nbytes, file and codec of ``name`` (without reading it)."""
@@ -264,15 +271,10 @@ def write_store(
     """
     shapes = {name: _dtype_and_shape(tensors, name) for name in tensors}
     plan = [_plan_row(name, dtype, shape, codec) for name, (dtype, shape) in shapes.items()]
-    writer = _core.StoreWriter(os.fspath(path), plan, convert_file_size_to_int(shard_size))
-    total = sum(_nbytes(dtype, shape) for dtype, shape in shapes.values())
-    # A bar only when shown: even a disabled tqdm takes a lock that a forked, killed writer
-    # could leave held.
-    bar = (
-        tqdm(total=total, unit="B", unit_scale=True, desc="writing store")
-        if (progress and total >= _PROGRESS_MIN_BYTES)
-        else None
-    )
+    nbytes_per_shard = parse_size(shard_size, "shard_size")
+    created = not os.path.lexists(path)
+    writer = None
+    bar = _progress_bar(sum(_nbytes(*shape) for shape in shapes.values()), progress)
 
     def write_one(name: str) -> None:
         writer.write(name, _raw_bytes(name, tensors[name]))
@@ -280,18 +282,39 @@ def write_store(
             bar.update(_nbytes(*shapes[name]))
 
     try:
-        with ThreadPoolExecutor(max_workers=2) as pool:  # compression runs on both cores
+        writer = _core.StoreWriter(os.fspath(path), plan, nbytes_per_shard)
+        pool = ThreadPoolExecutor(max_workers=2)  # compression runs on both cores
+        try:
             for done in [pool.submit(write_one, name) for name in shapes]:
                 done.result()
+        finally:
+            # On an error or Ctrl-C the queued writes are cancelled, not awaited: only the
+            # two running finish.
+            pool.shutdown(wait=True, cancel_futures=True)
         writer.commit()
     except BaseException:
         # Dropping the writer now removes its temporary files (the traceback would keep it
-        # alive until the next garbage collection).
-        del writer
+        # alive until the next garbage collection); a directory made for it goes too.
+        writer = None
+        if created:
+            _remove_if_empty(path)
         raise
     finally:
         if bar is not None:
             bar.close()
+
+
+def _progress_bar(total: int, progress: bool) -> tqdm | None:
+    # A bar only when shown: even a disabled tqdm takes a lock that a forked, killed writer
+    # could leave held.
+    if progress and total >= _PROGRESS_MIN_BYTES:
+        return tqdm(total=total, unit="B", unit_scale=True, desc="writing store")
+    return None
+
+
+def _remove_if_empty(path: str | os.PathLike) -> None:
+    with contextlib.suppress(OSError):  # absent, or holding files that are not ours
+        os.rmdir(path)
 
 
 def write_mount(path: str | os.PathLike, files: Iterable[str | os.PathLike]) -> None:
