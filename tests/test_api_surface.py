@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import subprocess
+import sys
 
 import pytest
 
@@ -161,3 +163,16 @@ def test_utils_only_re_exports(name):
     defining_module = importlib.import_module(ours.__module__)
     assert ours.__module__ != "bigmodel.utils"
     assert getattr(defining_module, name) is ours
+
+
+def test_hooks_and_utils_are_attributes_after_a_plain_import():
+    """As after ``import accelerate``; the rest of the package still loads on first use."""
+    program = (
+        "import sys, bigmodel\n"
+        "assert 'bigmodel.device_map' not in sys.modules\n"
+        "assert bigmodel.hooks.ModelHook.__name__ == 'ModelHook'\n"
+        "assert callable(bigmodel.utils.find_tied_parameters)\n"
+        "assert {'hooks', 'utils'} <= set(dir(bigmodel))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -274,3 +274,13 @@ def test_numpy_view_keeps_the_pin(tmp_path):
         gc.collect()
         assert store.stats()["pinned_bytes"] == 0
         assert np.array_equal(store["a"].numpy(), np.arange(10, dtype=np.float32))
+
+
+def test_a_single_name_is_one_name_not_its_characters(tmp_path):
+    write_store(tmp_path / "store", {"a.name": torch.ones(8), "a": torch.zeros(2)})
+    with TensorStore.open(tmp_path / "store", populate_views=False) as store:
+        store.prefetch("a.name")
+        store.will_need("a.name")
+        store.populate_in_background("a.name")
+        assert store.stats()["prefetch_requests"] == 1
+        assert torch.equal(store["a.name"], torch.ones(8))
