@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bigmodel import _core, checkpoints, demo
-from bigmodel.checkpoints import IndexListing, NotAStoreError
+from bigmodel.checkpoints import IndexListing
 from bigmodel.errors import StoreError
 from bigmodel.sizes import format_size, size_option
 from bigmodel.store import TensorStore, write_store
@@ -42,9 +42,7 @@ def _open_or_list(path: str) -> TensorStore | IndexListing:
     listing of its index (the problems are reported on stderr)."""
     try:
         return checkpoints.open_store(path)
-    except NotAStoreError:
-        raise
-    except (StoreError, OSError):
+    except (StoreError, OSError):  # damaged files; not NotAStoreError, which is bad input
         listing = checkpoints.read_listing(path)
         if listing is None or not listing.problems:
             raise
@@ -118,23 +116,26 @@ def cmd_ls(args: argparse.Namespace) -> int:
             row["file_problem"] = damaged[row["name"]]
     if args.json:
         print(json.dumps(rows, indent=2))
-    width = max((len(r["name"]) for r in rows), default=4)
-    for r in [] if args.json else rows:
-        shape = "x".join(map(str, r["shape"])) or "scalar"
-        size = format_size(r["nbytes"])
-        flag = "  (file damaged)" if r["name"] in damaged else ""
-        print(f"{r['name']:<{width}}  {r['dtype']:<14} {shape:<20} {size:>10}  {r['codec']}{flag}")
+    else:
+        _print_rows(rows)
     if not rows and args.pattern is not None:
         print(f"bigmodel: no tensor matches {args.pattern!r}", file=sys.stderr)
     return EXIT_FAILED if damaged or (not rows and args.pattern is not None) else EXIT_OK
 
 
+def _print_rows(rows: list[dict]) -> None:
+    width = max((len(r["name"]) for r in rows), default=4)
+    for r in rows:
+        shape = "x".join(map(str, r["shape"])) or "scalar"
+        size = format_size(r["nbytes"])
+        flag = "  (file damaged)" if "file_problem" in r else ""
+        print(f"{r['name']:<{width}}  {r['dtype']:<14} {shape:<20} {size:>10}  {r['codec']}{flag}")
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     try:
         store = checkpoints.open_store(args.store)
-    except NotAStoreError:
-        raise
-    except (StoreError, OSError) as err:
+    except (StoreError, OSError) as err:  # damaged files; NotAStoreError is bad input (2)
         return _report_unopenable(args, err)
     with store:
         corrupt = store.verify()
@@ -207,14 +208,14 @@ def cmd_pack(args: argparse.Namespace) -> int:
 def _check_destination(dest: Path, force: bool) -> None:
     """Refuses a destination holding a store or other files, unless forced."""
     if dest.exists() and not dest.is_dir():
-        raise NotAStoreError(f"{dest}: exists and is not a directory")
+        raise ValueError(f"{dest}: exists and is not a directory")
     if force or not dest.exists():
         return
     if (dest / _core.INDEX_FILE).exists():
-        raise NotAStoreError(f"{dest} already holds a store; pass --force to replace it")
+        raise ValueError(f"{dest} already holds a store; pass --force to replace it")
     entries = os.listdir(dest)
     if entries:
-        raise NotAStoreError(
+        raise ValueError(
             f"{dest} is not empty ({len(entries)} entries); pass --force to write the store "
             "there anyway (the other files are kept)"
         )
