@@ -162,7 +162,7 @@ def _write_under_a_file_size_limit(root: str, limit: int) -> tuple[int, str, lis
     else:
         outcome = (0, "written")
     gc.collect()
-    return (*outcome, sorted(os.listdir(root)))
+    return (*outcome, sorted(os.listdir(root)) if os.path.exists(root) else None)
 
 
 # 100 bytes: the first shard header does not fit; 70 000: the shard cannot take its length.
@@ -178,12 +178,10 @@ def test_a_file_size_limit_fails_the_write_and_keeps_the_previous_store(tmp_path
     assert _holds(root, _previous())
 
 
-def test_a_failed_write_into_a_new_directory_leaves_no_store(tmp_path):
+def test_a_failed_write_into_a_new_directory_leaves_nothing(tmp_path):
     code, message, left = run_in_child(_write_under_a_file_size_limit, str(tmp_path / "new"), 100)
     assert code == errno.EFBIG, message
-    assert left == []
-    with pytest.raises(FileNotFoundError, match="not a bigmodel store"):
-        TensorStore.open(tmp_path / "new")
+    assert left is None  # the directory the write created is removed with its files
 
 
 def test_a_read_only_directory_fails_with_a_permission_error_naming_it(tmp_path):
