@@ -109,3 +109,12 @@ def test_cli_bad_size_is_a_usage_error_naming_the_option(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "--shard-size='2 GB of it' is not a size" in result.stderr
+
+
+def test_max_resident_of_an_offloaded_model_is_parsed_as_bytes(tmp_path):
+    from bigmodel import disk_offload
+    from bigmodel.prefetch import offload_stats
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    disk_offload(model, tmp_path / "offload", max_resident="256mb")
+    assert offload_stats(model)["budget"] == 256 * 10**6

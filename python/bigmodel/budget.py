@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from bigmodel.memory import convert_file_size_to_int
+from bigmodel.sizes import parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def disk_cache_budget(
     """The byte budget of the store serving ``model``'s offloaded weights (see the module
     docstring for the order in which sources are consulted)."""
     if max_resident is not None:
-        budget = convert_file_size_to_int(max_resident)
+        budget = parse_size(max_resident, "max_resident")
         logger.info("disk store budget %s: max_resident as given", _mb(budget))
         return budget
     in_ram = bytes_kept_in_ram(model, device_map)
