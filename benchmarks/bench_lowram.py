@@ -6,18 +6,20 @@ transformers' own offload path (`from_pretrained(device_map="auto", offload_fold
 and accelerate. Each run is a fresh process (`lowram_worker.py`), the paths alternate, and
 every run's tokens are checked equal to the in-RAM model's.
 
-The memory limit is real when a limiter is given: ``--limit "CMD ARGS --"`` is put in front
-of each run, e.g. a tool that locks all but 1.3 GB of the machine's RAM for the run's
-duration and exits 3 when the run needed more (the run is then reported as not fitting).
-Without one, runs are unconstrained and only peak RSS and the page cache they leave show
-their memory.
+The memory limit is real: by default each run is a process in a memory cgroup of its own
+limited to ``--memlimit`` MiB (1300: `memlimit.py`, as in a container with a memory limit), so
+its RSS and the page cache its reads bring in together must fit, and the most the group was
+charged is reported. ``--limit "CMD ARGS --"`` puts another limiter in front of each run
+instead (e.g. a tool that locks all but 1.3 GB of the machine's RAM and exits 3 when the run
+needed more). A run that did not fit is reported as such. Every run starts with the
+checkpoint evicted from the page cache.
 
 The floor of a decode step is max(the in-RAM step, bytes that must be streamed per token /
 the disk's direct-I/O read rate), where the bytes streamed are the checkpoint's minus the
 budget, and the rate is that of ``dd bs=8M iflag=direct`` over the checkpoint files,
 measured in the same run.
 
-    python benchmarks/bench_lowram.py [--repeats 3] [--budget 700MB] [--limit "ramlimit 1300 --"]
+    python benchmarks/bench_lowram.py [--repeats 3] [--budget 700MB] [--memlimit 1300]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_description  # noqa: E402
+from _common import evict_from_page_cache, machine_description  # noqa: E402
 
 from bigmodel.demo import _ensure_built  # noqa: E402
 from bigmodel.memory import convert_file_size_to_int  # noqa: E402
@@ -47,6 +49,7 @@ EXIT_DID_NOT_FIT = 3
 
 def run_worker(lib: str, checkpoint: Path, budget: str, limit: list[str]) -> dict:
     workdir = CACHE / "bench_lowram" / lib
+    evict_from_page_cache(checkpoint.glob("*.safetensors"))
     command = [
         *(limit if lib != "inram" else []),
         sys.executable,
@@ -61,6 +64,9 @@ def run_worker(lib: str, checkpoint: Path, budget: str, limit: list[str]) -> dic
         return {"fit": False, "error": result.stderr.strip().splitlines()[-1:]}
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     figures["fit"] = True
+    limiter = re.search(r"^memlimit: (.*)$", result.stderr, re.MULTILINE)
+    if limiter:
+        figures["charged_mb"] = json.loads(limiter.group(1))["peak_mb"]
     figures["logits"] = workdir / "logits.pt"
     return figures
 
@@ -85,9 +91,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", default="700MB")
-    parser.add_argument("--limit", default="", help='command prefix, e.g. "ramlimit 1300 --"')
+    parser.add_argument("--memlimit", type=int, default=1300, help="MiB per run (0: none)")
+    parser.add_argument("--limit", default="", help='another limiter, e.g. "ramlimit 1300 --"')
     args = parser.parse_args()
     limit = shlex.split(args.limit)
+    if not limit and args.memlimit:
+        limit = [sys.executable, str(Path(__file__).parent / "memlimit.py"), str(args.memlimit)]
+        limit.append("--")
     reference = _ensure_built(CACHE / "demo", 16)
     checkpoint = CACHE / "demo" / "checkpoint"
     del reference
@@ -108,7 +118,7 @@ def main() -> None:
             runs[lib].append(figures)
     report = summarise(runs, inram, floor, rate, streamed)
     print(f"machine: {machine_description()}")
-    print(f"limit: {args.limit or 'none (unconstrained runs)'}; CPU budget {args.budget}")
+    print(f"limit per run: {' '.join(limit[1:]) or 'none'}; CPU budget {args.budget}")
     print(
         f"floor {floor * 1e3:.0f} ms = max(in-RAM step {inram['decode_step_s'] * 1e3:.0f} ms, "
         f"{streamed / 1e9:.2f} GB / {rate / 1e9:.2f} GB/s direct read)"
@@ -121,26 +131,27 @@ def summarise(runs: dict[str, list[dict]], inram: dict, floor: float, rate, stre
     """One table row per library: medians over the runs that fit, and the spread."""
     lines = [
         "| path | fit | exact | setup s | 32-token forward s | decode step ms (min-max) "
-        "| x floor | peak RSS MB | page cache left MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| x floor | peak RSS MB | peak RSS + page cache MB | page cache left MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lib, figures in runs.items():
         fitted = [f for f in figures if f["fit"]]
         fit = f"{len(fitted)}/{len(figures)}"
         if not fitted:
-            lines.append(f"| {lib} | {fit} | - | - | - | - | - | - | - |")
+            lines.append(f"| {lib} | {fit} | - | - | - | - | - | - | - | - |")
             continue
 
         def median(key, runs=fitted):
             return statistics.median(f[key] for f in runs)
 
         steps = [f["decode_step_s"] for f in fitted]
+        charged = f"{median('charged_mb'):.0f}" if "charged_mb" in fitted[0] else "-"
         lines.append(
             f"| {lib} | {fit} | {all(f['exact'] for f in fitted)} | {median('setup_s'):.2f} "
             f"| {median('forward_s'):.2f} | {median('decode_step_s') * 1e3:.0f} "
             f"({min(steps) * 1e3:.0f}-{max(steps) * 1e3:.0f}) "
             f"| {median('decode_step_s') / floor:.2f} | {median('peak_rss_mb'):.0f} "
-            f"| {median('page_cache_mb'):.0f} |"
+            f"| {charged} | {median('page_cache_mb'):.0f} |"
         )
     return lines
 

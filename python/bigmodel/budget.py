@@ -107,12 +107,11 @@ def _tensors_under(model: nn.Module, name: str) -> list[torch.Tensor]:
 
 
 def available_memory() -> int:
-    """Bytes this process can still use: ``MemAvailable``, capped by its cgroup's limit."""
+    """Bytes this process can still use: ``MemAvailable``, capped by what its memory cgroup
+    (a container's limit) still allows."""
     available = _meminfo_bytes("MemAvailable")
-    limit, usage = _cgroup_value("memory.max"), _cgroup_value("memory.current")
-    if limit is not None and usage is not None:
-        available = min(available, max(limit - usage, 0))
-    return available
+    headroom = _cgroup_headroom()
+    return available if headroom is None else min(available, headroom)
 
 
 def _meminfo_bytes(field: str) -> int:
@@ -122,11 +121,37 @@ def _meminfo_bytes(field: str) -> int:
     raise KeyError(f"/proc/meminfo has no field {field!r}")
 
 
-def _cgroup_value(name: str) -> int | None:
-    """A cgroup v2 memory file of this process's group; None when absent or unlimited."""
+# (cgroup file system root, limit file, usage file) of cgroup v2 and of v1's memory controller
+_CGROUP_V2 = ("/sys/fs/cgroup", "memory.max", "memory.current")
+_CGROUP_V1 = ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes")
+# v1 reports "no limit" as a huge number
+_NO_LIMIT = 1 << 60
+
+
+def _cgroup_headroom() -> int | None:
+    """Limit minus usage of this process's memory cgroup; None when it has no limit."""
     try:
-        group = Path("/proc/self/cgroup").read_text().strip().rpartition(":")[2]
-        value = (Path("/sys/fs/cgroup") / group.lstrip("/") / name).read_text().strip()
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, group = line.split(":", 2)
+        if controllers == "":
+            root, limit_file, usage_file = _CGROUP_V2
+        elif "memory" in controllers.split(","):
+            root, limit_file, usage_file = _CGROUP_V1
+        else:
+            continue
+        folder = Path(root) / group.lstrip("/")
+        limit, usage = _read_number(folder / limit_file), _read_number(folder / usage_file)
+        if limit is not None and usage is not None and limit < _NO_LIMIT:
+            return max(limit - usage, 0)
+    return None
+
+
+def _read_number(path: Path) -> int | None:
+    try:
+        value = path.read_text().strip()
     except OSError:
         return None
     return None if value == "max" else int(value)
