@@ -26,6 +26,15 @@ fn check_no_internal_error(error: &StoreError) -> Result<(), String> {
     }
 }
 
+/// A directory for a target's files: in memory (tmpfs) where the system has one, since
+/// stores read their files with direct I/O, which goes to the disk every time (and first
+/// writes back what a target just wrote): a memory file system keeps executions fast.
+fn scratch_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .expect("temporary directory")
+}
+
 // -- Serving an accepted index -------------------------------------------------------------
 
 /// Serves `index` and reads every tensor. Checks what a reader relies on: the served length
@@ -136,7 +145,7 @@ pub struct IndexTarget {
 
 impl IndexTarget {
     pub fn new() -> IndexTarget {
-        let store = tempfile::tempdir().expect("temporary directory");
+        let store = scratch_dir();
         let written = write_fixture_store(store.path());
         let mut seeds = vec![
             serde_json::to_vec_pretty(&written).expect("index serializes"),
@@ -347,7 +356,7 @@ pub struct HeaderTarget {
 
 impl HeaderTarget {
     pub fn new() -> HeaderTarget {
-        let store = tempfile::tempdir().expect("temporary directory");
+        let store = scratch_dir();
         let written = write_fixture_store(store.path());
         let mut seeds: Vec<Vec<u8>> = written
             .files
@@ -512,7 +521,7 @@ impl MountTarget {
     pub fn new() -> MountTarget {
         let header = HeaderTarget::new();
         MountTarget {
-            dir: tempfile::tempdir().expect("temporary directory"),
+            dir: scratch_dir(),
             seeds: header.seeds,
         }
     }
@@ -553,7 +562,7 @@ pub struct OffloadTarget {
 
 impl OffloadTarget {
     pub fn new() -> OffloadTarget {
-        let dir = tempfile::tempdir().expect("temporary directory");
+        let dir = scratch_dir();
         fs::write(dir.path().join("w.dat"), [7u8; 64]).expect("fixture");
         fs::write(dir.path().join("b.dat"), [9u8; 16]).expect("fixture");
         OffloadTarget { dir }

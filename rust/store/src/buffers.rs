@@ -1,5 +1,5 @@
-//! Owned, 64-byte-aligned byte buffers for tensors that cannot be served as views of a
-//! file mapping (zstd tensors, mounted tensors at misaligned offsets).
+//! Owned, 64-byte-aligned byte buffers: the memory of every tensor a store does not serve
+//! as a view of its file mapping (all of them when it reads owned copies).
 //!
 //! Large buffers are anonymous mappings of their own rather than `malloc` memory: glibc keeps
 //! freed heap chunks of a few MB for reuse, so evicting a tensor would not give its memory
@@ -12,6 +12,9 @@
 //! host on first touch and filling fresh buffers ran ~1.8x slower than with 4 KiB pages
 //! (1.5 vs 2.6 GB/s for the first pass over a store), while reads into recycled buffers
 //! ran the same either way. The cache recycles buffers instead (see `cache.rs`).
+//!
+//! Mapped buffers are page-aligned, whole pages, and keep their address for life: direct I/O
+//! fills them in place (see `direct.rs`), and they could be page-locked for copies to a GPU.
 
 use std::alloc::{self, Layout};
 use std::io;
@@ -110,6 +113,14 @@ impl AlignedBuf {
         // SAFETY: `len <= capacity` bytes, allocated and initialised (zeroed or written);
         // `&mut self` makes the access exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// All `capacity` bytes, those past `len` included (a read may fill more than the
+    /// tensor, then move the tensor down to the start).
+    pub fn capacity_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `capacity` bytes, allocated and initialised (zeroed, then only written);
+        // `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.capacity) }
     }
 }
 
@@ -219,5 +230,20 @@ mod tests {
         assert_eq!(reused.as_ptr(), ptr);
         assert_eq!(reused.len(), 1000);
         assert_eq!(reused.capacity(), 1 << 20);
+    }
+
+    #[test]
+    fn mapped_buffers_are_whole_pages_at_page_boundaries() {
+        for len in [
+            MAPPED_MIN,
+            MAPPED_MIN + 1,
+            MAPPED_MIN + 3 * PAGE + 5,
+            3 << 20,
+        ] {
+            let mut buf = AlignedBuf::new(len).unwrap();
+            assert_eq!(buf.as_ptr() as usize % PAGE, 0, "len {len}");
+            assert_eq!(buf.capacity(), len.next_multiple_of(PAGE));
+            assert_eq!(buf.capacity_mut().len(), buf.capacity());
+        }
     }
 }

@@ -10,6 +10,7 @@
 //! - `cleanup`: writer liveness locks and the removal of what dead writers left.
 //! - `fs`: file-system helpers (non-blocking opens of regular files, directory sync).
 //! - [`mount`]: indexes over files we did not write (safetensors, accelerate offload folders).
+//! - `direct`: direct I/O (`O_DIRECT`) reads into owned, page-aligned buffers.
 //! - [`cache`]: the residency cache (budget, pins, LRU eviction that returns memory).
 //! - [`pool`]: background read threads.
 //! - [`store`]: [`store::Store`], the reader that ties them together.
@@ -19,6 +20,7 @@ mod buffers;
 pub mod cache;
 mod cleanup;
 pub mod codec;
+mod direct;
 pub mod dtype;
 pub mod error;
 mod fs;

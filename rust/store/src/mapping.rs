@@ -9,13 +9,13 @@
 //! What remains possible: a file truncated *while* a view of it is in use (after the check)
 //! still makes the next touch of a vanished page raise SIGBUS; no mapping can prevent that.
 //! A mounted file rewritten in place without changing size or mtime is not detected either.
-//! A store opened with `zero_copy` off never touches its mappings: every tensor (zstd frames
-//! included) is read with `pread` into an owned buffer, so a file truncated under it is an
-//! error (`Corrupt`), never a signal.
+//! A store opened with `zero_copy` off never touches its mappings: every tensor is read with
+//! direct I/O (`direct.rs`) into an owned buffer, so a file truncated under it is an error
+//! (`Corrupt`), never a signal. Tensors that are not views (zstd frames, tensors misaligned
+//! for their dtype) are read the same way by every store.
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::{Arc, OnceLock};
@@ -24,6 +24,7 @@ use memmap2::{MmapMut, MmapOptions};
 
 use crate::buffers::AlignedBuf;
 use crate::codec;
+use crate::direct::{DirectFile, RangeReader};
 use crate::error::{Result, StoreError};
 use crate::fs;
 use crate::index::{Codec, Entry, FileRecord, Index};
@@ -66,10 +67,10 @@ impl FileSet {
     }
 }
 
-/// One file, open and mapped copy-on-write over its whole recorded length.
+/// One file, open (for direct reads) and mapped copy-on-write over its whole recorded length.
 pub(crate) struct FileMap {
     path: PathBuf,
-    file: File,
+    file: DirectFile,
     map: MmapMut,
     record: FileRecord,
 }
@@ -88,7 +89,7 @@ impl FileMap {
             .map_err(|e| StoreError::io(path, e))?;
         Ok(FileMap {
             path: path.to_owned(),
-            file,
+            file: DirectFile::new(file, path)?,
             map,
             record: record.clone(),
         })
@@ -102,7 +103,7 @@ impl FileMap {
     /// the one recorded at mount (or seen at open): its bytes may no longer be the ones the
     /// index describes.
     pub fn check_unchanged(&self, tensor: &str) -> Result<()> {
-        check_metadata(&self.file, &self.path, &self.record, tensor)
+        check_metadata(self.file.file(), &self.path, &self.record, tensor)
     }
 
     /// The mapping bytes `[offset, offset + len)`, or `Format` when the range does not lie
@@ -183,20 +184,6 @@ impl FileMap {
                 libc::MADV_DONTNEED,
             );
         }
-    }
-
-    /// Reads `dst.len()` bytes at `offset` with `pread`, straight into the destination.
-    fn read_into(&self, offset: u64, dst: &mut [u8], tensor: &str) -> Result<()> {
-        self.file
-            .read_exact_at(dst, offset)
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::UnexpectedEof => StoreError::corrupt(
-                    &self.path,
-                    tensor,
-                    "the file ends before the tensor's bytes",
-                ),
-                _ => StoreError::io(&self.path, e),
-            })
     }
 }
 
@@ -287,7 +274,7 @@ pub(crate) fn load(
             len,
         }
     } else {
-        Loaded::Owned(load_owned(map, entry, reuse, mode.zero_copy)?)
+        Loaded::Owned(load_owned(map, entry, reuse)?)
     };
     if mode.verify {
         let raw = map_slice(&loaded);
@@ -296,76 +283,47 @@ pub(crate) fn load(
     Ok(loaded)
 }
 
-/// Fills an owned buffer. Uncompressed bytes go from the file into the buffer with one
-/// `pread` (no intermediate copy; a recycled buffer's pages are already faulted in). A zstd
-/// frame is decoded from the mapping when `mapped`, else from a copy read with `pread`.
-fn load_owned(
-    map: &FileMap,
-    entry: &Entry,
-    reuse: Option<AlignedBuf>,
-    mapped: bool,
-) -> Result<AlignedBuf> {
+/// Fills an owned buffer with direct reads (see `direct.rs`): uncompressed bytes go from
+/// the disk into the buffer (a recycled buffer's pages are already faulted in); a zstd frame
+/// is read into scratch memory and decoded into the buffer.
+fn load_owned(map: &FileMap, entry: &Entry, reuse: Option<AlignedBuf>) -> Result<AlignedBuf> {
     let raw_len = usize::try_from(entry.raw_length)
         .map_err(|_| StoreError::format(map.path(), "tensor too large for this platform"))?;
-    let frame = match entry.codec {
-        Codec::None => None,
-        Codec::Zstd => Some(fetch_frame(map, entry, mapped)?),
-    };
-    if let Some(frame) = &frame {
-        // Before the buffer exists: a frame announcing another size than the index is corrupt.
-        codec::check_frame_header(frame.bytes(), entry.raw_length, map.path(), &entry.name)?;
-    }
-    let mut buf = match reuse {
-        Some(buf) => buf.reuse_for(raw_len),
+    let stored_len = map.bytes(entry.offset, entry.length, &entry.name)?.len();
+    let buffer = |reuse: Option<AlignedBuf>| match reuse {
+        Some(buf) => Ok(buf.reuse_for(raw_len)),
         None => AlignedBuf::new(raw_len).map_err(|e| {
             let detail = format!("tensor {:?} ({raw_len} bytes): {e}", entry.name);
             StoreError::io(map.path(), io::Error::new(e.kind(), detail))
-        })?,
+        }),
     };
-    match frame {
-        None => {
-            map.bytes(entry.offset, entry.raw_length, &entry.name)?;
-            map.read_into(entry.offset, buf.as_mut_slice(), &entry.name)?;
+    let read_failed = |e: io::Error| match e.kind() {
+        io::ErrorKind::UnexpectedEof => StoreError::corrupt(
+            map.path(),
+            &entry.name,
+            format!("the file ends before the tensor's bytes ({e})"),
+        ),
+        _ => StoreError::io(map.path(), e),
+    };
+    match entry.codec {
+        Codec::None => {
+            let mut buf = buffer(reuse)?;
+            map.file
+                .read_exact_into(entry.offset, &mut buf)
+                .map_err(read_failed)?;
+            Ok(buf)
         }
-        Some(frame) => {
-            let decoded =
-                codec::decompress_into(frame.bytes(), buf.as_mut_slice(), map.path(), &entry.name);
-            if let Frame::Mapped(_) = frame {
-                // The frame is not needed once decoded: keep only the tensor resident.
-                map.release_pages(entry.offset, entry.length);
-            }
-            decoded?;
-        }
+        Codec::Zstd => map
+            .file
+            .with_range(entry.offset, stored_len, |frame| {
+                // Before the buffer exists: a frame announcing another size is corrupt.
+                codec::check_frame_header(frame, entry.raw_length, map.path(), &entry.name)?;
+                let mut buf = buffer(reuse)?;
+                codec::decompress_into(frame, buf.as_mut_slice(), map.path(), &entry.name)?;
+                Ok(buf)
+            })
+            .map_err(read_failed)?,
     }
-    Ok(buf)
-}
-
-/// A zstd frame: populated pages of the mapping, or a copy read with `pread`.
-enum Frame<'m> {
-    Mapped(&'m [u8]),
-    Read(Vec<u8>),
-}
-
-impl Frame<'_> {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Frame::Mapped(bytes) => bytes,
-            Frame::Read(copy) => copy,
-        }
-    }
-}
-
-fn fetch_frame<'m>(map: &'m FileMap, entry: &Entry, mapped: bool) -> Result<Frame<'m>> {
-    let stored = map.bytes(entry.offset, entry.length, &entry.name)?;
-    if mapped {
-        map.populate(entry.offset, entry.length, &entry.name)?;
-        return Ok(Frame::Mapped(stored));
-    }
-    // Taking the slice above touched no page; reading the file (not the mapping) keeps a
-    // file truncated under us an error instead of a SIGBUS.
-    let mut copy = vec![0u8; stored.len()];
-    map.read_into(entry.offset, &mut copy, &entry.name)?;
-    Ok(Frame::Read(copy))
 }
 
 fn map_slice(loaded: &Loaded) -> &[u8] {
@@ -385,24 +343,38 @@ fn verify_checksum(entry: &Entry, raw: &[u8], path: &Path) -> Result<()> {
     }
 }
 
-/// The checksum of `entry`'s raw bytes as stored in `file`, read with `pread` through
-/// `scratch` (never through the mapping or the cache, so `verify` neither disturbs live
-/// tensors nor grows memory). A short file or a bad frame is `Corrupt`.
+/// The memory `verify` reads through, allocated once for all tensors.
+pub(crate) struct ChecksumBuffers {
+    /// Direct reads land here (page-aligned).
+    chunk: AlignedBuf,
+    /// Bytes to hash are copied (or decoded) here.
+    scratch: Vec<u8>,
+}
+
+impl ChecksumBuffers {
+    pub fn new(path: &Path) -> Result<ChecksumBuffers> {
+        const LEN: usize = 8 << 20;
+        Ok(ChecksumBuffers {
+            chunk: AlignedBuf::new(LEN).map_err(|e| StoreError::io(path, e))?,
+            scratch: vec![0u8; LEN],
+        })
+    }
+}
+
+/// The checksum of `entry`'s raw bytes as stored in `file`, read with direct reads through
+/// `buffers` (never through the mapping, the cache or the page cache, so `verify` neither
+/// disturbs live tensors nor grows memory). A short file or a bad frame is `Corrupt`.
 pub(crate) fn stored_checksum(
-    file: &File,
+    file: &DirectFile,
     path: &Path,
     entry: &Entry,
-    scratch: &mut [u8],
+    buffers: &mut ChecksumBuffers,
 ) -> Result<u64> {
     let end = entry.offset.checked_add(entry.length).ok_or_else(|| {
         StoreError::format(path, format!("tensor {:?}: offset overflows", entry.name))
     })?;
-    let reader = RangeReader {
-        file,
-        pos: entry.offset,
-        end,
-        failure: None,
-    };
+    let reader = RangeReader::new(file, &mut buffers.chunk, entry.offset, end);
+    let scratch = &mut buffers.scratch;
     let (sum, total, reader) = match entry.codec {
         Codec::None => hash_stream(reader, scratch, entry.raw_length),
         Codec::Zstd => {
@@ -451,43 +423,6 @@ fn hash_stream<R: io::Read>(
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return (Err(e), total, src),
-        }
-    }
-}
-
-/// `Read` over `[pos, end)` of a file with `pread`. A file shorter than the range reads as
-/// `UnexpectedEof` (damage); an OS failure is kept in `failure` to be reported as I/O.
-struct RangeReader<'f> {
-    file: &'f File,
-    pos: u64,
-    end: u64,
-    failure: Option<io::Error>,
-}
-
-impl io::Read for RangeReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let want = buf.len().min((self.end - self.pos) as usize);
-        if want == 0 {
-            return Ok(0);
-        }
-        match self.file.read_at(&mut buf[..want], self.pos) {
-            Ok(0) => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "the file ends at byte {}, before the tensor's last byte {}",
-                    self.pos, self.end
-                ),
-            )),
-            Ok(n) => {
-                self.pos += n as u64;
-                Ok(n)
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
-            Err(e) => {
-                let copy = io::Error::new(e.kind(), e.to_string());
-                self.failure = Some(e);
-                Err(copy)
-            }
         }
     }
 }

@@ -1,16 +1,17 @@
 //! `Store::verify`: every checksum checked against the bytes on disk, outside the cache.
 
-use std::fs::File;
 use std::path::Path;
 
+use crate::direct::DirectFile;
 use crate::error::{Result, StoreError};
 use crate::index::{Entry, Index};
 use crate::mapping;
 
 /// Names of the tensors of `index` (files resolved in `root`) whose bytes on disk do not
 /// match their checksum, or cannot be read as recorded (missing file, short file, bad
-/// frame); tensors without a checksum are skipped. Reads the files directly, in file order,
-/// through a bounded buffer. OS failures are errors.
+/// frame); tensors without a checksum are skipped. Reads the files with direct I/O, in file
+/// order, through bounded buffers, so the page cache is not filled either. OS failures are
+/// errors.
 pub(crate) fn failing_tensors(index: &Index, root: &Path) -> Result<Vec<String>> {
     let mut order: Vec<&Entry> = index
         .tensors
@@ -18,10 +19,10 @@ pub(crate) fn failing_tensors(index: &Index, root: &Path) -> Result<Vec<String>>
         .filter(|e| e.checksum.is_some())
         .collect();
     order.sort_by_key(|e| (e.file, e.offset));
-    let mut scratch = vec![0u8; 8 << 20];
+    let mut buffers = mapping::ChecksumBuffers::new(root)?;
     let mut failing = Vec::new();
     // The file being read: its position and handle (`None`: the file is missing).
-    let mut open_file: Option<(usize, Option<File>)> = None;
+    let mut open_file: Option<(usize, Option<DirectFile>)> = None;
     for entry in order {
         let path = index.file_path(root, entry.file);
         if open_file
@@ -34,7 +35,7 @@ pub(crate) fn failing_tensors(index: &Index, root: &Path) -> Result<Vec<String>>
             failing.push(entry.name.clone());
             continue;
         };
-        match mapping::stored_checksum(file, &path, entry, &mut scratch) {
+        match mapping::stored_checksum(file, &path, entry, &mut buffers) {
             Ok(sum) if Some(sum) == entry.checksum => {}
             Ok(_) | Err(StoreError::Corrupt { .. }) => failing.push(entry.name.clone()),
             Err(other) => return Err(other),
@@ -45,9 +46,9 @@ pub(crate) fn failing_tensors(index: &Index, root: &Path) -> Result<Vec<String>>
 
 /// Opens a file for `verify`; `None` when it is missing or no longer a regular file (its
 /// tensors fail verification). Non-blocking: a FIFO in a file's place must not hang `verify`.
-fn open_for_verify(path: &Path) -> Result<Option<File>> {
+fn open_for_verify(path: &Path) -> Result<Option<DirectFile>> {
     match crate::fs::open_regular(path, "a store data file") {
-        Ok(file) => Ok(Some(file)),
+        Ok(file) => DirectFile::new(file, path).map(Some),
         Err(StoreError::Format { .. }) => Ok(None),
         Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             Ok(None)
