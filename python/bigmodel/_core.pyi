@@ -19,7 +19,7 @@ class Store:
         max_resident: int | None = None,
         read_threads: int = 2,
         verify_reads: bool = False,
-        zero_copy: bool = True,
+        zero_copy: bool | None = None,
         populate_views: bool = True,
     ) -> Store: ...
     @staticmethod
@@ -28,7 +28,7 @@ class Store:
         max_resident: int | None = None,
         read_threads: int = 2,
         verify_reads: bool = False,
-        zero_copy: bool = True,
+        zero_copy: bool | None = None,
         populate_views: bool = True,
     ) -> Store: ...
     @staticmethod
@@ -37,7 +37,7 @@ class Store:
         max_resident: int | None = None,
         read_threads: int = 2,
         verify_reads: bool = False,
-        zero_copy: bool = True,
+        zero_copy: bool | None = None,
         populate_views: bool = True,
     ) -> Store: ...
     @staticmethod

@@ -2,9 +2,10 @@
 
 A store is a directory of safetensors shards (plus zstd blobs) and one JSON index, or an
 in-place view ("mount") of safetensors files or an accelerate offload folder. Reading gives
-CPU tensors that are zero-copy views of the files whenever the bytes are stored uncompressed;
-each tensor pins its bytes in the residency cache until the tensor is garbage-collected, and
-the cache keeps everything else within the ``max_resident`` byte budget.
+CPU tensors: without a budget, zero-copy views of the files whenever the bytes are stored
+uncompressed; with a ``max_resident`` budget, memory of the store's own, read with direct
+I/O. Each tensor pins its bytes in the residency cache until the tensor is
+garbage-collected, and the cache keeps everything else within the budget.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class TensorStore(Mapping[str, torch.Tensor]):
         max_resident: int | str | None = None,
         read_threads: int = 2,
         verify_reads: bool = False,
-        zero_copy: bool = True,
+        zero_copy: bool | None = None,
         populate_views: bool = True,
     ) -> TensorStore:
         """Opens the store committed in directory ``path``, validating its whole index first.
@@ -96,13 +97,25 @@ class TensorStore(Mapping[str, torch.Tensor]):
         "2GiB" (see `bigmodel.sizes`);
         ``verify_reads`` checks every tensor's checksum when it is read.
 
-        ``zero_copy=True`` serves uncompressed tensors as views of a private mapping of the
-        files (no copy). ``zero_copy=False`` reads every tensor into memory of its own (an
-        aligned buffer filled by large reads, recycled when the budget forces evictions):
-        use it to modify weights in place, or so that a file truncated while the store is
-        open fails a read with an error instead of crashing the process (SIGBUS) when a view
-        is touched. Either way in-place changes never reach the files; they last until the
-        tensor is evicted from the cache.
+        ``zero_copy`` chooses how tensors reach memory. The default (``None``) picks views
+        without a budget and owned reads with one:
+
+        - views (``True``): uncompressed tensors are views of a private mapping of the files
+          (no copy). Their pages belong to the kernel's page cache, so what a budget bounds
+          is the pages the store keeps mapped: pages read once stay in the page cache after
+          eviction, outside the budget (inside a container with a memory limit they count
+          against the limit), until the kernel reclaims them.
+        - owned reads (``False``): every tensor is read with direct I/O (``O_DIRECT``;
+          ``pread`` then dropping the pages again where the file system refuses it) into a
+          page-aligned buffer of the store's own, recycled when the budget forces
+          evictions. The budget then bounds the memory the reads really take: nothing is
+          left in the page cache. Also use it to modify weights in place, or so that a file
+          truncated while the store is open fails a read with an error instead of crashing
+          the process (SIGBUS) when a view is touched.
+
+        Either way in-place changes never reach the files; they last until the tensor is
+        evicted from the cache. Compressed tensors, and tensors at offsets misaligned for
+        their dtype, are always owned reads.
 
         ``populate_views=False`` hands out zero-copy views without faulting their pages in:
         the first touch reads them. With :meth:`will_need`, a whole model's views can be
@@ -126,7 +139,7 @@ class TensorStore(Mapping[str, torch.Tensor]):
         max_resident: int | str | None = None,
         read_threads: int = 2,
         verify_reads: bool = False,
-        zero_copy: bool = True,
+        zero_copy: bool | None = None,
         populate_views: bool = True,
     ) -> TensorStore:
         """Serves existing files in place, writing nothing.
@@ -202,7 +215,8 @@ class TensorStore(Mapping[str, torch.Tensor]):
     def will_need(self, names: str | Iterable[str]) -> None:
         """Asks the kernel to start reading ``names`` from disk (page-cache readahead) and
         returns at once; nothing is pinned or counted against the budget. Call it before
-        reading many tensors one after the other, so the disk never waits on the reader."""
+        reading many zero-copy views one after the other, so the disk never waits on the
+        reader. Tensors read into owned buffers are skipped (use :meth:`prefetch`)."""
         self._core.will_need(_names(names))
 
     def populate_in_background(self, names: str | Iterable[str]) -> None:

@@ -29,18 +29,20 @@ pub struct Store {
     root: PathBuf,
 }
 
+/// `zero_copy=None` is "auto": zero-copy views for a store without a budget, owned direct
+/// reads for a store with one (so that the budget bounds real memory, page cache included).
 fn options(
     max_resident: Option<u64>,
     read_threads: usize,
     verify_reads: bool,
-    zero_copy: bool,
+    zero_copy: Option<bool>,
     populate_views: bool,
 ) -> StoreOptions {
     StoreOptions {
         max_resident,
         read_threads,
         verify_reads,
-        zero_copy,
+        zero_copy: zero_copy.unwrap_or(max_resident.is_none()),
         populate_views,
     }
 }
@@ -48,16 +50,16 @@ fn options(
 #[pymethods]
 impl Store {
     /// Opens the committed store in directory `path` (validating every index entry).
-    /// `zero_copy=False` reads every tensor into an owned buffer instead of mapping it.
+    /// `zero_copy`: see `options`.
     #[staticmethod]
-    #[pyo3(signature = (path, max_resident=None, read_threads=2, verify_reads=false, zero_copy=true, populate_views=true))]
+    #[pyo3(signature = (path, max_resident=None, read_threads=2, verify_reads=false, zero_copy=None, populate_views=true))]
     fn open(
         py: Python<'_>,
         path: PathBuf,
         max_resident: Option<u64>,
         read_threads: usize,
         verify_reads: bool,
-        zero_copy: bool,
+        zero_copy: Option<bool>,
         populate_views: bool,
     ) -> PyResult<Store> {
         let opts = options(
@@ -73,14 +75,14 @@ impl Store {
 
     /// Serves existing safetensors files in place (nothing is copied or written).
     #[staticmethod]
-    #[pyo3(signature = (files, max_resident=None, read_threads=2, verify_reads=false, zero_copy=true, populate_views=true))]
+    #[pyo3(signature = (files, max_resident=None, read_threads=2, verify_reads=false, zero_copy=None, populate_views=true))]
     fn mount_safetensors(
         py: Python<'_>,
         files: Vec<PathBuf>,
         max_resident: Option<u64>,
         read_threads: usize,
         verify_reads: bool,
-        zero_copy: bool,
+        zero_copy: Option<bool>,
         populate_views: bool,
     ) -> PyResult<Store> {
         let opts = options(
@@ -106,14 +108,14 @@ impl Store {
 
     /// Serves an accelerate offload folder (`index.json` + `.dat` files) in place.
     #[staticmethod]
-    #[pyo3(signature = (folder, max_resident=None, read_threads=2, verify_reads=false, zero_copy=true, populate_views=true))]
+    #[pyo3(signature = (folder, max_resident=None, read_threads=2, verify_reads=false, zero_copy=None, populate_views=true))]
     fn mount_offload_folder(
         py: Python<'_>,
         folder: PathBuf,
         max_resident: Option<u64>,
         read_threads: usize,
         verify_reads: bool,
-        zero_copy: bool,
+        zero_copy: Option<bool>,
         populate_views: bool,
     ) -> PyResult<Store> {
         let opts = options(

@@ -31,8 +31,12 @@ pub const INDEX_FILE: &str = "bigmodel.index.json";
 pub const FORMAT_NAME: &str = "bigmodel-store";
 /// The index version this build writes and the only one it reads.
 pub const FORMAT_VERSION: u32 = 1;
-/// Every tensor's data starts at a multiple of this many bytes in its file.
+/// Every tensor's data starts at a multiple of this many bytes in the files a store writes.
 pub const ALIGNMENT: u64 = 64;
+/// Stores written since direct reads start tensors of this many bytes or more at a multiple
+/// of it (the block of a direct read); see `safetensors::tensor_alignment`. Reads do not
+/// rely on it: older stores and mounted files are read from the blocks around a tensor.
+pub const BLOCK_ALIGNMENT: u64 = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 
 use crate::dtype::{byte_size, DType};
 use crate::error::{Result, StoreError};
-use crate::index::ALIGNMENT;
+use crate::index::{ALIGNMENT, BLOCK_ALIGNMENT};
 use crate::json;
 
 /// Headers longer than this are refused (the safetensors library uses the same bound),
@@ -208,16 +208,18 @@ pub struct ShardTensor<'a> {
 /// A planned shard: the bytes to write at offset 0 and where each tensor goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardLayout {
-    /// Length field, JSON and space padding; its length is a multiple of [`ALIGNMENT`].
+    /// Length field, JSON and space padding; its length is a multiple of
+    /// [`BLOCK_ALIGNMENT`], so that the data section starts on a block.
     pub header: Vec<u8>,
-    /// Absolute file offset of each input tensor, in input order; all 64-aligned.
+    /// Absolute file offset of each input tensor, in input order; aligned as
+    /// [`tensor_alignment`] says.
     pub offsets: Vec<u64>,
     /// The whole file's length.
     pub file_len: u64,
 }
 
 /// Lays out `tensors` in one safetensors file, in the given order. Because the data
-/// section starts 64-aligned, aligning offsets within it aligns them in the file; the
+/// section starts on a block, aligning offsets within it aligns them in the file; the
 /// gaps become `U8` entries named `__bigmodel_pad_<n>__`, since safetensors requires the
 /// entries to tile the data section.
 pub fn build_shard_header(tensors: &[ShardTensor]) -> Result<ShardLayout> {
@@ -232,7 +234,7 @@ pub fn build_shard_header(tensors: &[ShardTensor]) -> Result<ShardLayout> {
                 tensor.name, tensor.shape
             ))
         })?;
-        let begin = align_up(cursor).ok_or_else(|| shard_too_large(tensor.name))?;
+        let begin = align_tensor(cursor, length).ok_or_else(|| shard_too_large(tensor.name))?;
         if begin > cursor {
             let pad_name = format!("{PAD_PREFIX}{pads}__");
             doc.insert(
@@ -271,11 +273,11 @@ fn entry_json(dtype: DType, shape: &[u64], begin: u64, end: u64) -> Value {
     serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [begin, end]})
 }
 
-/// Length field + JSON + spaces up to a multiple of [`ALIGNMENT`] (spaces are valid JSON
-/// whitespace, and the safetensors library pads its own headers the same way).
+/// Length field + JSON + spaces up to a multiple of [`BLOCK_ALIGNMENT`] (spaces are valid
+/// JSON whitespace, and the safetensors library pads its own headers the same way).
 fn padded_header(doc: &Value) -> Vec<u8> {
     let json = serde_json::to_vec(doc).expect("a JSON value always serializes");
-    let json_len = (8 + json.len()).next_multiple_of(ALIGNMENT as usize) - 8;
+    let json_len = (8 + json.len()).next_multiple_of(BLOCK_ALIGNMENT as usize) - 8;
     let mut header = Vec::with_capacity(8 + json_len);
     header.extend_from_slice(&(json_len as u64).to_le_bytes());
     header.extend_from_slice(&json);
@@ -286,6 +288,22 @@ fn padded_header(doc: &Value) -> Vec<u8> {
 /// `offset` rounded up to the next multiple of [`ALIGNMENT`]; `None` on overflow.
 pub fn align_up(offset: u64) -> Option<u64> {
     offset.checked_next_multiple_of(ALIGNMENT)
+}
+
+/// Where a tensor of `length` bytes may start in our shards: tensors of a block or more on
+/// a block ([`BLOCK_ALIGNMENT`]), so that direct reads land in place, without moving the
+/// bytes; smaller ones, which direct reads copy out of a bounce buffer anyway, on
+/// [`ALIGNMENT`] (a block each would cost up to 4 KiB of padding per tensor for nothing).
+pub fn tensor_alignment(length: u64) -> u64 {
+    match length >= BLOCK_ALIGNMENT {
+        true => BLOCK_ALIGNMENT,
+        false => ALIGNMENT,
+    }
+}
+
+/// `offset` rounded up to where a tensor of `length` bytes may start; `None` on overflow.
+pub fn align_tensor(offset: u64, length: u64) -> Option<u64> {
+    offset.checked_next_multiple_of(tensor_alignment(length))
 }
 
 #[cfg(test)]
@@ -394,7 +412,7 @@ mod tests {
             })
             .collect();
         let layout = build_shard_header(&tensors).unwrap();
-        assert_eq!(layout.header.len() as u64 % ALIGNMENT, 0);
+        assert_eq!(layout.header.len() as u64 % BLOCK_ALIGNMENT, 0);
         assert!(layout.offsets.iter().all(|o| o % ALIGNMENT == 0));
         let mut file = layout.header.clone();
         file.resize(layout.file_len as usize, 0);
@@ -408,6 +426,47 @@ mod tests {
                 (dtypes[i], shapes[i])
             );
         }
+        assert_tiles_data_section(&header, layout.file_len);
+    }
+
+    #[test]
+    fn tensors_of_a_block_or_more_start_on_a_block() {
+        let shapes: [&[u64]; 5] = [&[3], &[1024], &[1023], &[5, 1000], &[7]];
+        let tensors: Vec<ShardTensor> = shapes
+            .iter()
+            .map(|shape| ShardTensor {
+                name: "t",
+                dtype: DType::F32,
+                shape,
+            })
+            .collect();
+        let names = ["a", "b", "c", "d", "e"];
+        let tensors: Vec<ShardTensor> = tensors
+            .into_iter()
+            .zip(names)
+            .map(|(t, name)| ShardTensor { name, ..t })
+            .collect();
+        let layout = build_shard_header(&tensors).unwrap();
+        let mut file = layout.header.clone();
+        file.resize(layout.file_len as usize, 0);
+        let header = parse(&file).unwrap();
+        for (tensor, offset) in tensors.iter().zip(&layout.offsets) {
+            let length = byte_size(tensor.dtype, tensor.shape).unwrap();
+            let expected = if length >= BLOCK_ALIGNMENT {
+                BLOCK_ALIGNMENT
+            } else {
+                ALIGNMENT
+            };
+            assert_eq!(offset % expected, 0, "{} ({length} bytes)", tensor.name);
+            let parsed = header
+                .tensors
+                .iter()
+                .find(|t| t.name == tensor.name)
+                .unwrap();
+            assert_eq!(parsed.offset, *offset);
+        }
+        // "c" (4092 bytes) needs no block: it follows "b" without a block of padding.
+        assert_eq!(layout.offsets[2], layout.offsets[1] + 4096);
         assert_tiles_data_section(&header, layout.file_len);
     }
 

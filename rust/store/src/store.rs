@@ -35,9 +35,11 @@ pub struct StoreOptions {
     /// Check every tensor's checksum when it is read (costs a hash of its bytes).
     pub verify_reads: bool,
     /// Serve uncompressed tensors at aligned offsets as zero-copy views of a private file
-    /// mapping. When false, every tensor is read with `pread` into an owned, 64-byte-aligned
-    /// buffer that is nowhere else, and the mappings are never touched: a file truncated
-    /// under the store then fails a read (`Corrupt`) instead of raising SIGBUS in a tensor.
+    /// mapping (their pages are the page cache's). When false, every tensor is read with
+    /// direct I/O into an owned, page-aligned buffer that is nowhere else: the budget then
+    /// bounds all the memory the store's reads take (nothing is left in the page cache), and
+    /// a file truncated under the store fails a read (`Corrupt`) instead of raising SIGBUS
+    /// in a tensor. Tensors that cannot be views are read that way in either mode.
     pub zero_copy: bool,
     /// Fault a view's pages in when it is read, so `get` pays for the read and the cache's
     /// resident bytes are true. False leaves the pages to fault in on first touch: with
@@ -140,14 +142,19 @@ impl Store {
         Ok(())
     }
 
-    /// Asks the kernel to start reading `names`' bytes into the page cache (asynchronous
-    /// readahead of the mapped ranges) and returns at once; nothing enters the cache. Lets a
-    /// caller that will `get` many tensors in a row keep the disk busy in between.
+    /// Asks the kernel to start reading the bytes of `names` served as views into the page
+    /// cache (asynchronous readahead of the mapped ranges) and returns at once; nothing
+    /// enters the cache. Lets a caller that will `get` many tensors in a row keep the disk
+    /// busy in between. Tensors read into owned buffers are skipped: direct reads would not
+    /// use those pages, which would only take memory outside the budget.
     pub fn will_need(&self, names: &[&str]) -> Result<()> {
         let slots = self.slots_of(names)?;
         let core = &self.runtime()?.core;
         for slot in slots {
             let entry = &core.index.tensors[slot as usize];
+            if !core.mode.serves_view(entry) {
+                continue;
+            }
             core.files
                 .open(entry.file, &entry.name)?
                 .will_need(entry.offset, entry.length);

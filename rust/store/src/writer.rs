@@ -438,7 +438,9 @@ fn group_into_shards(plan: &[TensorPlan], raw_lengths: &[u64], shard_size: u64) 
         if tensor.codec != Codec::None {
             continue;
         }
-        let end = align_up(used).and_then(|start| start.checked_add(raw_lengths[slot]));
+        let length = raw_lengths[slot];
+        let end =
+            safetensors::align_tensor(used, length).and_then(|start| start.checked_add(length));
         match groups.last_mut() {
             Some(group) if end.is_some_and(|end| end <= shard_size) => {
                 group.push(slot);

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::Path;
 
 use bigmodel_store::codec;
-use bigmodel_store::index::{ALIGNMENT, INDEX_FILE};
+use bigmodel_store::index::{ALIGNMENT, BLOCK_ALIGNMENT, INDEX_FILE};
 use bigmodel_store::safetensors::{self, is_padding};
 use bigmodel_store::writer::{StoreWriter, TensorPlan, WriterOptions};
 use bigmodel_store::{Codec, DType, Entry, Index, StoreError};
@@ -88,6 +88,44 @@ fn round_trip_through_index_read() {
         assert_eq!(entry.offset % ALIGNMENT, 0, "{} is not aligned", entry.name);
         assert_eq!(entry.checksum, Some(codec::checksum(&raw)));
         assert_eq!(read_back(dir.path(), &index, entry), raw, "{}", entry.name);
+    }
+}
+
+#[test]
+fn tensors_of_a_block_or_more_start_on_a_block_so_direct_reads_land_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small and large tensors interleaved, as a model's weights and biases are.
+    let tensors: Vec<TensorPlan> = (0..6)
+        .flat_map(|n| {
+            [
+                plan(
+                    &format!("l{n}.weight"),
+                    DType::F32,
+                    &[33 + n, 40],
+                    Codec::None,
+                ),
+                plan(&format!("l{n}.bias"), DType::F16, &[33 + n], Codec::None),
+            ]
+        })
+        .collect();
+    let index = write_store(dir.path(), &tensors, WriterOptions::default());
+    for entry in &index.tensors {
+        let alignment = match entry.length >= BLOCK_ALIGNMENT {
+            true => BLOCK_ALIGNMENT,
+            false => ALIGNMENT,
+        };
+        assert_eq!(entry.offset % alignment, 0, "{} is not aligned", entry.name);
+    }
+    // Still one valid safetensors file that holds exactly these bytes.
+    let header = safetensors::read_header(&dir.path().join(&index.files[0].path)).unwrap();
+    for (tensor, entry) in tensors.iter().zip(&index.tensors) {
+        let listed = header
+            .tensors
+            .iter()
+            .find(|t| t.name == entry.name)
+            .unwrap();
+        assert_eq!(listed.offset, entry.offset);
+        assert_eq!(read_back(dir.path(), &index, entry), raw_bytes(tensor));
     }
 }
 
