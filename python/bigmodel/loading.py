@@ -260,16 +260,17 @@ class _CheckpointReader:
 
 
 def _open_lazily(path: str) -> Mapping[str, torch.Tensor]:
+    # No cache budget: a tensor that was cast (or offloaded) gives its pages back as soon
+    # as it is dropped; tensors kept as zero-copy weights stay pinned by their owners
+    # (views, asked for explicitly: a budget alone would make the store read copies).
+    # Views are not populated here: `_load_resident` has them read and made resident in
+    # the background, and the first forward overlaps its compute with those reads.
+    views = {"max_resident": 0, "zero_copy": True, "populate_views": False}
     if os.path.isdir(path):  # a bigmodel store
-        return TensorStore.open(path, max_resident=0, populate_views=False)
+        return TensorStore.open(path, **views)
     if path.endswith(".safetensors"):
         _check_safetensors_format(path)
-        # No cache budget: a tensor that was cast (or offloaded) gives its pages back as soon
-        # as it is dropped; tensors kept as zero-copy weights stay pinned by their owners
-        # (views, asked for explicitly: a budget alone would make the store read copies).
-        # Views are not populated here: `_load_resident` has them read and made resident in
-        # the background, and the first forward overlaps its compute with those reads.
-        return TensorStore.mount([path], max_resident=0, zero_copy=True, populate_views=False)
+        return TensorStore.mount([path], **views)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # files from the legacy (non-zip) torch.save format cannot be mapped
