@@ -239,14 +239,16 @@ def measure(
     all_cases: dict[str, Callable[[], int]], files: list[Path], repeats: int
 ) -> dict[str, dict]:
     """Median GB/s (bytes read from the files / seconds) per case and temperature; the runs
-    alternate round-robin, warm and cold."""
-    sequential_read(files)  # the first warm runs find the files cached
+    alternate round-robin, warm and cold. Warm: the files are read into the page cache
+    before each case (direct reads neither use nor fill it); cold: evicted from it."""
     runs: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for round_number in range(repeats):
         for temperature in ("warm", "cold"):
             for name, run in all_cases.items():
                 if temperature == "cold":
                     evict_from_page_cache(files)
+                else:
+                    sequential_read(files)
                 started = time.perf_counter()
                 read = run()
                 runs.setdefault((name, temperature), []).append(
