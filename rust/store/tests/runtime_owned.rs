@@ -186,3 +186,36 @@ fn prefetched_owned_reads_stay_within_the_budget_and_recycle() {
     assert_eq!(stats.buffers_reused, stats.evictions, "{stats:?}");
     assert_within_budget(&stats);
 }
+
+#[test]
+fn large_tensors_at_any_offset_are_read_whole_from_several_threads() {
+    // Larger than one direct-read chunk (4 MiB), at 64-aligned and odd offsets, next to
+    // small ones: each read is split, lands mid-block and is moved down to its start.
+    let built = build(&[
+        Spec("small", 5, Kind::View),
+        Spec("big", 1_500_001, Kind::View),
+        Spec("odd", 2_100_007, Kind::Misaligned),
+        Spec("packed", 1_200_000, Kind::Zstd),
+        Spec("tail", 17, Kind::Misaligned),
+    ]);
+    let names = ["small", "big", "odd", "packed", "tail"];
+    let store = built.open(owned(Some(6 << 20), 2));
+    std::thread::scope(|scope| {
+        for thread in 0..3 {
+            let (store, built) = (&store, &built);
+            scope.spawn(move || {
+                for round in 0..4 {
+                    let name = names[(thread + round) % names.len()];
+                    store
+                        .prefetch(&[names[(thread + round + 1) % names.len()]])
+                        .unwrap();
+                    let bytes = store.get(name).unwrap();
+                    assert_eq!(bytes.as_ptr() as usize % 64, 0, "{name}");
+                    assert!(bytes.as_slice() == built.data[name].as_slice(), "{name}");
+                }
+            });
+        }
+    });
+    assert_within_budget(&store.stats());
+    assert_eq!(store.verify().unwrap(), Vec::<String>::new());
+}
