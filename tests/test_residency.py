@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from bigmodel.residency import evict_from_page_cache, page_cache_bytes, rss_bytes
+from bigmodel.residency import evict_from_page_cache, mapped_bytes, page_cache_bytes, rss_bytes
 
 SIZE = 8 << 20
 
@@ -42,3 +42,12 @@ def test_rss_grows_with_touched_memory():
     block[::4096] = b"\1" * len(block[::4096])
     assert rss_bytes() - before >= 60 << 20
     del block
+
+
+def test_mapped_bytes_count_the_resident_pages_of_this_process_s_mappings(data_file):
+    import mmap
+
+    with open(data_file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        view[:]  # touch every page
+        assert mapped_bytes([data_file]) == SIZE
+    assert mapped_bytes([data_file]) == 0

@@ -11,10 +11,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_MAPPING_HEADER = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
 _PROT_READ = 0x1
 _MAP_SHARED = 0x01
 _MAP_FAILED = ctypes.c_void_p(-1).value
@@ -54,6 +56,20 @@ def reset_peak_rss() -> None:
 def peak_rss_bytes() -> int:
     """The peak RSS since the process started or since :func:`reset_peak_rss`."""
     return status_kib("VmHWM") * 1024
+
+
+def mapped_bytes(paths: Iterable[str | os.PathLike]) -> int:
+    """Bytes of ``paths`` this process maps and has resident (the ``Rss`` of their mappings
+    in ``/proc/self/smaps``): pages that count both in the RSS and in the page cache."""
+    wanted = {os.path.realpath(path) for path in paths}
+    total, current = 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if _MAPPING_HEADER.match(line):  # "start-end perms offset dev inode [path]"
+            current = " ".join(fields[5:])
+        elif fields and fields[0] == "Rss:" and current in wanted:
+            total += int(fields[1]) * 1024
+    return total
 
 
 def page_cache_bytes(paths: Iterable[str | os.PathLike]) -> int:
