@@ -324,7 +324,7 @@ def test_failing_forward_drops_the_loaded_weights(error):
         with pytest.raises(error):
             model(x)
         assert model.linear.weight is placeholder
-        assert model.linear._hf_hook._onloads == []
+        assert model.linear._hf_hook._swap.onloads == []
     model.fail = False
     assert torch.equal(model(x), expected)
 
@@ -336,7 +336,7 @@ def test_failing_pre_forward_restores_the_tensors_already_loaded():
     with pytest.raises(KeyError, match="bias"):
         layer(torch.randn(1, 3))
     assert layer.weight.device == META
-    assert layer._hf_hook._onloads == []
+    assert layer._hf_hook._swap.onloads == []
 
 
 def test_sequential_hook_aborts_earlier_hooks_when_a_later_pre_forward_fails():
@@ -349,7 +349,7 @@ def test_sequential_hook_aborts_earlier_hooks_when_a_later_pre_forward_fails():
     add_hook_to_module(layer, SequentialHook(offload, Broken()))
     with pytest.raises(ValueError, match="broken hook"):
         layer(torch.randn(1, 3))
-    assert layer.weight.device == META and offload._onloads == []
+    assert layer.weight.device == META and offload._swap.onloads == []
 
 
 def test_backward_through_offloaded_weights_names_the_parameter():
@@ -424,13 +424,13 @@ def test_align_module_device_materialises_offloaded_weights():
     assert layer.weight.device == META
     with pytest.raises(ValueError), align_module_device(layer, "cpu"):
         raise ValueError("inside")
-    assert layer.weight.device == META and layer._hf_hook._onloads == []
+    assert layer.weight.device == META and layer._hf_hook._swap.onloads == []
     assert layer._hf_hook.execution_device == "cpu"
 
 
 def test_align_module_device_moves_direct_parameters_of_plain_modules():
     model = ModelForTest()
-    with mock.patch("bigmodel.hooks.set_module_tensor_to_device") as move:
+    with mock.patch("bigmodel.hooks.offloaded.set_module_tensor_to_device") as move:
         with align_module_device(model.linear1, "cuda:3"):
             moves_in = [c.args[1:] for c in move.call_args_list]
         moves_out = [c.args[1:] for c in move.call_args_list[len(moves_in) :]]

@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch import nn
 
-from bigmodel import hooks
+from bigmodel.hooks import swap
 from bigmodel.dispatch import disk_offload
 from bigmodel.errors import CorruptStoreError
 from bigmodel.hooks import iter_offload_hooks
@@ -109,7 +109,7 @@ def offloaded(tmp_path) -> tuple[Stack, Stack, TensorStore, torch.Tensor]:
 def _assert_everything_released(model: nn.Module, store: TensorStore) -> None:
     gc.collect()  # a caught exception's traceback forms cycles that hold frames' locals
     for name, module, hook in iter_offload_hooks(model):
-        assert hook._onloads == [], f"{name}: a forward's loads were never undone"
+        assert hook._swap.onloads == [], f"{name}: a forward's loads were never undone"
         for tensor_name, tensor in module.named_parameters(recurse=False):
             assert tensor.device.type == "meta", f"{name}.{tensor_name} stayed loaded"
     stats = store.stats()
@@ -234,7 +234,7 @@ def test_an_interrupt_while_weights_are_put_back_still_puts_them_all_back(
     model, reference, store, x = offloaded
     expected = reference(x)
     assert torch.equal(model(x), expected)
-    put_back, calls = hooks._put_back, []
+    put_back, calls = swap._put_back, []
 
     def interrupted_once(fetch, tensor):
         calls.append(fetch.name)
@@ -242,9 +242,9 @@ def test_an_interrupt_while_weights_are_put_back_still_puts_them_all_back(
             raise KeyboardInterrupt
         put_back(fetch, tensor)
 
-    monkeypatch.setattr(hooks, "_put_back", interrupted_once)
+    monkeypatch.setattr(swap, "_put_back", interrupted_once)
     with pytest.raises(KeyboardInterrupt):
         model(x)
-    monkeypatch.setattr(hooks, "_put_back", put_back)
+    monkeypatch.setattr(swap, "_put_back", put_back)
     _assert_everything_released(model, store)
     assert torch.equal(model(x), expected)

@@ -282,6 +282,19 @@ class PrefixedDataset(Mapping):
         return len(self.dataset)
 
 
+def unwrap_prefixes(weights_map: Mapping | None) -> tuple[Mapping | None, str]:
+    """The mapping under nested prefixed views, and the prefix they add together.
+
+    A prefixed view is recognised by what it has, a ``dataset`` and a string ``prefix``:
+    `PrefixedDataset`, and accelerate's own class of that name, which behaves the same.
+    """
+    prefix = ""
+    while isinstance(getattr(weights_map, "prefix", None), str) and hasattr(weights_map, "dataset"):
+        prefix = weights_map.prefix + prefix
+        weights_map = weights_map.dataset
+    return weights_map, prefix
+
+
 class OffloadedWeightsLoader(Mapping):
     """accelerate's weights map: a state dict in RAM first, then an offload index.
 

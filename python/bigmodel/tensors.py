@@ -26,6 +26,39 @@ def keeps_own_dtype(dtype: torch.dtype) -> bool:
     return str(dtype).startswith(("torch.uint", "torch.int", "torch.bool"))
 
 
+def owner_and_leaf(module: nn.Module, tensor_name: str) -> tuple[nn.Module, str]:
+    """The module that directly holds the tensor ``tensor_name`` (a dotted name relative to
+    ``module``) and the tensor's attribute name in it: ``"block.linear.weight"`` gives
+    ``(module.block.linear, "weight")``. The one place dotted tensor names are resolved.
+
+    Raises:
+        AttributeError: a segment of the name does not exist.
+        ValueError: a segment names a submodule slot that holds None.
+    """
+    if "." not in tensor_name:  # a direct tensor: the common case
+        return module, tensor_name
+    *path, leaf = tensor_name.split(".")
+    for segment in path:
+        child = getattr(module, segment)
+        if child is None:
+            raise ValueError(f"{module} has no attribute {segment}.")
+        module = child
+    return module, leaf
+
+
+def get_tensor(module: nn.Module, tensor_name: str) -> torch.Tensor:
+    """The parameter or buffer ``tensor_name`` (dotted, relative to ``module``)."""
+    owner, leaf = owner_and_leaf(module, tensor_name)
+    return getattr(owner, leaf)
+
+
+def set_tensor(module: nn.Module, tensor_name: str, tensor: torch.Tensor) -> None:
+    """Makes ``tensor_name`` (dotted, relative to ``module``) refer to ``tensor``, as
+    ``setattr`` does (a Parameter is registered as one; used to tie names together)."""
+    owner, leaf = owner_and_leaf(module, tensor_name)
+    setattr(owner, leaf, tensor)
+
+
 def named_module_tensors(
     module: nn.Module,
     include_buffers: bool = True,
@@ -49,6 +82,31 @@ def named_module_tensors(
     for name, buffer in module.named_buffers(recurse=recurse):
         if name not in skipped:
             yield name, buffer
+
+
+def offloaded_tensors(
+    module: nn.Module, offload_buffers: bool, recurse: bool = False, remove_duplicate: bool = True
+) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of ``module`` that an offloading hook serves from its weights map: the one
+    statement of that rule. They are its parameters and, with ``offload_buffers``, its
+    persistent buffers (a non-persistent buffer is in no state dict, so no store holds it).
+    Every other buffer of an offloaded module stays resident on its execution device.
+
+    Parameters come first, then buffers, as `named_module_tensors` lists them; with
+    ``recurse`` the names are dotted. ``remove_duplicate=False`` lists a tensor reachable
+    under several names (tied) under each of them.
+    """
+    tensors = list(module.named_parameters(recurse=recurse, remove_duplicate=remove_duplicate))
+    if offload_buffers:
+        non_persistent = get_non_persistent_buffers(module, recurse=recurse, fqns=True)
+        tensors += [
+            (name, buffer)
+            for name, buffer in module.named_buffers(
+                recurse=recurse, remove_duplicate=remove_duplicate
+            )
+            if name not in non_persistent
+        ]
+    return tensors
 
 
 def get_non_persistent_buffers(
@@ -136,7 +194,7 @@ def set_module_tensor_to_device(
         ValueError: no such parameter/buffer, a meta tensor moved without ``value``, or a
             ``value`` of the wrong shape.
     """
-    owner, leaf = _owner_and_leaf(module, tensor_name)
+    owner, leaf = _checked_owner_and_leaf(module, tensor_name)
     old = getattr(owner, leaf)
     if _reuse_tied_copy(owner, leaf, old, value, device, tied_params_map):
         return
@@ -159,17 +217,12 @@ def set_module_tensor_to_device(
     _remember_tied_copy(old, value, device, stored, tied_params_map)
 
 
-def _owner_and_leaf(module: nn.Module, tensor_name: str) -> tuple[nn.Module, str]:
-    """Walks the dotted name down to the module that directly holds the tensor."""
-    *path, leaf = tensor_name.split(".")
-    for segment in path:
-        child = getattr(module, segment)
-        if child is None:
-            raise ValueError(f"{module} has no attribute {segment}.")
-        module = child
-    if leaf not in module._parameters and leaf not in module._buffers:
-        raise ValueError(f"{module} does not have a parameter or a buffer named {leaf}.")
-    return module, leaf
+def _checked_owner_and_leaf(module: nn.Module, tensor_name: str) -> tuple[nn.Module, str]:
+    """`owner_and_leaf`, refusing a name that holds no parameter or buffer."""
+    owner, leaf = owner_and_leaf(module, tensor_name)
+    if leaf not in owner._parameters and leaf not in owner._buffers:
+        raise ValueError(f"{owner} does not have a parameter or a buffer named {leaf}.")
+    return owner, leaf
 
 
 def _is_meta(device: Device) -> bool:

@@ -25,7 +25,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from bigmodel.hooks import AlignDevicesHook, _offload_hook
+from bigmodel.hooks.align import AlignDevicesHook
+from bigmodel.hooks.offloaded import offloading_hook_in
 
 _install_lock = threading.Lock()
 _installed = False
@@ -45,7 +46,7 @@ def watch_offloaded_modules() -> None:
 
 def _on_registered(parent: nn.Module, name: str, child: nn.Module | None):
     # Runs on every submodule assignment in the process: the common case must stay cheap.
-    if child is None or parent in _wrappers or _offload_hook(_hook_of(child)) is None:
+    if child is None or parent in _wrappers or offloading_hook_in(_hook_of(child)) is None:
         return None
     _wrappers.add(parent)
     parent.register_forward_pre_hook(_refuse_unserved_meta_tensors)
@@ -78,7 +79,7 @@ def _unserved_meta_tensors(module: nn.Module, prefix: str = "") -> Iterator[str]
     """Names (relative to the wrapper) of the meta parameters and buffers under ``module``
     that no offload hook fetches. The subtree of a module with an offloading hook is skipped:
     its hooks serve it, and a layer added inside it later is a wrapper with its own check."""
-    if _offload_hook(_hook_of(module)) is not None:
+    if offloading_hook_in(_hook_of(module)) is not None:
         return
     for name, tensor in itertools.chain(module._parameters.items(), module._buffers.items()):
         if tensor is not None and tensor.device.type == "meta":
@@ -91,7 +92,7 @@ def _unserved_meta_tensors(module: nn.Module, prefix: str = "") -> Iterator[str]
 def _offloaded_name(wrapper: nn.Module) -> str:
     """The dotted name, in its model, of the offloaded module ``wrapper`` wraps."""
     for module in wrapper.modules():
-        hook = _offload_hook(_hook_of(module))
+        hook = offloading_hook_in(_hook_of(module))
         if isinstance(hook, AlignDevicesHook) and hook.module_name:
             return hook.module_name
     return type(wrapper).__name__
