@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from bigmodel.hooks.protocol import ModelHook, _not_compiled
-from bigmodel.hooks.swap import WeightSwap, fp16_statistics
+from bigmodel.hooks.swap import WeightSwap, install
 from bigmodel.offload import unwrap_prefixes
 from bigmodel.operations import find_device, send_to_device
 from bigmodel.tensors import (
@@ -218,13 +218,5 @@ class AlignDevicesHook(ModelHook):
                 # tensor, so updates (running statistics) and ties survive.
                 set_module_tensor_to_device(module, name, device, clear_cache=False)
                 continue
-            value = self.weights_map.get(name, None)
-            set_module_tensor_to_device(
-                module,
-                name,
-                device,
-                value=value,
-                fp16_statistics=fp16_statistics(self.weights_map, name, value),
-                clear_cache=False,
-            )
+            install(module, name, device, self.weights_map.get(name, None), self.weights_map)
         return module

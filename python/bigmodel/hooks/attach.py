@@ -8,7 +8,7 @@ a `PrefixedDataset` view of the model's weights map under the module's dotted na
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -29,19 +29,12 @@ def attach_execution_device_hook(
     """Gives every module with state (and no hook yet) a non-offloading `AlignDevicesHook`
     on ``execution_device``, so each moves its inputs there. Does not descend below modules
     whose class name is in ``preload_module_classes``."""
-    if not hasattr(module, "_hf_hook") and len(module.state_dict()) > 0:
-        add_hook_to_module(
-            module,
-            AlignDevicesHook(
+    for _, submodule in _walk(module, "", stop_at=preload_module_classes):
+        if not hasattr(submodule, "_hf_hook") and len(submodule.state_dict()) > 0:
+            hook = AlignDevicesHook(
                 execution_device, skip_keys=skip_keys, tied_params_map=tied_params_map
-            ),
-        )
-    if preload_module_classes is not None and type(module).__name__ in preload_module_classes:
-        return
-    for child in module.children():
-        attach_execution_device_hook(
-            child, execution_device, skip_keys, preload_module_classes, tied_params_map
-        )
+            )
+            add_hook_to_module(submodule, hook)
 
 
 def attach_align_device_hook(
@@ -58,39 +51,22 @@ def attach_align_device_hook(
     """Appends an `AlignDevicesHook` to every module that owns tensors directly, reading
     ``weights_map`` under the module's dotted name. A module whose class name is in
     ``preload_module_classes`` (with ``offload``) gets one hook for its whole subtree."""
-    full_offload = (
-        offload
-        and preload_module_classes is not None
-        and type(module).__name__ in preload_module_classes
-    )
-    has_direct_tensors = next(iter(named_module_tensors(module)), None) is not None
-    if has_direct_tensors or full_offload:
-        prefix = f"{module_name}." if module_name else ""
-        hook = AlignDevicesHook(
-            execution_device=execution_device,
-            offload=offload,
-            weights_map=None if weights_map is None else PrefixedDataset(weights_map, prefix),
-            offload_buffers=offload_buffers,
-            place_submodules=full_offload,
-            skip_keys=skip_keys,
-            tied_params_map=tied_params_map,
-        )
-        hook.module_name = module_name
-        add_hook_to_module(module, hook, append=True)
-    if full_offload:
-        return  # the hook above loads the whole subtree at once
-    for child_name, child in module.named_children():
-        attach_align_device_hook(
-            child,
-            execution_device=execution_device,
-            offload=offload,
-            weights_map=weights_map,
-            offload_buffers=offload_buffers,
-            module_name=f"{module_name}.{child_name}" if module_name else child_name,
-            skip_keys=skip_keys,
-            preload_module_classes=preload_module_classes,
-            tied_params_map=tied_params_map,
-        )
+    whole_subtrees = preload_module_classes if offload else None
+    for name, submodule in _walk(module, module_name, stop_at=whole_subtrees):
+        whole_subtree = _is_one_of(submodule, whole_subtrees)
+        if whole_subtree or next(iter(named_module_tensors(submodule)), None) is not None:
+            prefix = f"{name}." if name else ""
+            hook = AlignDevicesHook(
+                execution_device=execution_device,
+                offload=offload,
+                weights_map=None if weights_map is None else PrefixedDataset(weights_map, prefix),
+                offload_buffers=offload_buffers,
+                place_submodules=whole_subtree,
+                skip_keys=skip_keys,
+                tied_params_map=tied_params_map,
+            )
+            hook.module_name = name
+            add_hook_to_module(submodule, hook, append=True)
 
 
 def attach_align_device_hook_on_blocks(
@@ -107,103 +83,97 @@ def attach_align_device_hook_on_blocks(
     """Attaches hooks block by block, from per-block execution devices and offload flags
     (dicts keyed by module name, or one value for all). The root always gets a hook that
     moves inputs to its execution device and outputs back to the caller's device."""
+    common = {"skip_keys": skip_keys, "tied_params_map": tied_params_map}
     if not isinstance(execution_device, Mapping) and not isinstance(offload, dict):
-        _attach_single_block(
-            module,
-            execution_device,
-            offload,
-            weights_map=weights_map,
-            offload_buffers=offload_buffers,
-            module_name=module_name,
-            skip_keys=skip_keys,
-            tied_params_map=tied_params_map,
-        )
+        if offload:
+            attach_align_device_hook(
+                module,
+                execution_device,
+                offload=True,
+                weights_map=weights_map,
+                offload_buffers=offload_buffers,
+                module_name=module_name,
+                **common,
+            )
+        else:
+            hook = AlignDevicesHook(
+                execution_device, io_same_device=True, place_submodules=True, **common
+            )
+            add_hook_to_module(module, hook)
         return
     if not isinstance(execution_device, Mapping):
         execution_device = dict.fromkeys(offload, execution_device)
     if not isinstance(offload, Mapping):
         offload = dict.fromkeys(execution_device, offload)
-
-    common = {"skip_keys": skip_keys, "tied_params_map": tied_params_map}
-    if module_name in execution_device and module_name in offload:
-        device = execution_device[module_name]
-        if offload[module_name]:
-            _attach_offloaded_block(
-                module,
-                device,
-                weights_map=weights_map,
-                offload_buffers=offload_buffers,
-                module_name=module_name,
-                preload_classes=preload_module_classes,
-                common=common,
-            )
-        else:
-            _attach_resident_block(module, device, offload_buffers, module_name, common)
-    elif module_name == "":
-        root_hook = AlignDevicesHook(execution_device.get(""), io_same_device=True, **common)
-        add_hook_to_module(module, root_hook)
-
-    for child_name, child in module.named_children():
-        attach_align_device_hook_on_blocks(
-            child,
-            execution_device=execution_device,
-            offload=offload,
-            weights_map=weights_map,
-            offload_buffers=offload_buffers,
-            module_name=f"{module_name}.{child_name}" if module_name else child_name,
-            skip_keys=skip_keys,
-            preload_module_classes=preload_module_classes,
-            tied_params_map=tied_params_map,
-        )
+    for name, block in _walk(module, module_name):
+        if name in execution_device and name in offload:
+            device = execution_device[name]
+            if offload[name]:
+                _attach_offloaded_block(
+                    block,
+                    name,
+                    device,
+                    weights_map,
+                    offload_buffers,
+                    preload_module_classes,
+                    common,
+                )
+            else:
+                _attach_resident_block(block, name, device, offload_buffers, common)
+        elif name == "":
+            root_hook = AlignDevicesHook(execution_device.get(""), io_same_device=True, **common)
+            add_hook_to_module(block, root_hook)
 
 
-def _attach_resident_block(module, device, offload_buffers, module_name, common) -> None:
+def _walk(
+    module: nn.Module, module_name: str, stop_at: list[str] | None = None
+) -> Iterator[tuple[str, nn.Module]]:
+    """``(dotted name, module)`` for ``module`` and its descendants, parents first (the
+    order of a recursion over ``named_children``), not below modules whose class name is in
+    ``stop_at``. Children are listed after their parent was handled: hooks added to the
+    parent may be seen by them."""
+    stack = [(module_name, module)]
+    while stack:
+        name, current = stack.pop()
+        yield name, current
+        if _is_one_of(current, stop_at):
+            continue
+        prefix = f"{name}." if name else ""
+        children = [(prefix + child_name, child) for child_name, child in current.named_children()]
+        stack.extend(reversed(children))
+
+
+def _is_one_of(module: nn.Module, class_names: list[str] | None) -> bool:
+    return class_names is not None and type(module).__name__ in class_names
+
+
+def _attach_resident_block(block, name, device, offload_buffers, common) -> None:
     """A block that lives on ``device``: moved there now; each submodule moves its inputs."""
     hook = AlignDevicesHook(
         device,
         offload_buffers=offload_buffers,
-        io_same_device=module_name == "",
+        io_same_device=name == "",
         place_submodules=True,
         **common,
     )
-    add_hook_to_module(module, hook)
-    attach_execution_device_hook(module, device, **common)
+    add_hook_to_module(block, hook)
+    attach_execution_device_hook(block, device, **common)
 
 
 def _attach_offloaded_block(
-    module, device, weights_map, offload_buffers, module_name, preload_classes, common
+    block, name, device, weights_map, offload_buffers, preload_classes, common
 ) -> None:
     """A block whose weights are fetched from ``weights_map`` for each forward."""
     attach_align_device_hook(
-        module,
+        block,
         device,
         offload=True,
         weights_map=weights_map,
         offload_buffers=offload_buffers,
-        module_name=module_name,
+        module_name=name,
         preload_module_classes=preload_classes,
         **common,
     )
-    if not hasattr(module, "_hf_hook"):  # no direct tensors: still move its inputs
-        add_hook_to_module(
-            module, AlignDevicesHook(device, io_same_device=module_name == "", **common)
-        )
-    attach_execution_device_hook(module, device, preload_module_classes=preload_classes, **common)
-
-
-def _attach_single_block(module, execution_device, offload, **options) -> None:
-    """The scalar form of `attach_align_device_hook_on_blocks`: one device for everything.
-
-    ``options``: weights_map, offload_buffers, module_name, skip_keys, tied_params_map.
-    """
-    if offload:
-        attach_align_device_hook(module, execution_device, offload=True, **options)
-        return
-    hook = AlignDevicesHook(
-        execution_device=execution_device,
-        io_same_device=True,
-        skip_keys=options["skip_keys"],
-        place_submodules=True,
-        tied_params_map=options["tied_params_map"],
-    )
-    add_hook_to_module(module, hook)
+    if not hasattr(block, "_hf_hook"):  # no direct tensors: still move its inputs
+        add_hook_to_module(block, AlignDevicesHook(device, io_same_device=name == "", **common))
+    attach_execution_device_hook(block, device, preload_module_classes=preload_classes, **common)

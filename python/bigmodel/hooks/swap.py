@@ -144,15 +144,7 @@ class WeightSwap:
                 reused = device in copies
                 if not reused:
                     onload.tied_pointers.add((pointer, device))
-        set_module_tensor_to_device(
-            module,
-            name,
-            device,
-            value=value,
-            fp16_statistics=fp16_statistics(hook.weights_map, name, value),
-            tied_params_map=tied_map,
-            clear_cache=False,
-        )
+        install(module, name, device, value, hook.weights_map, tied_map)
         if not reused:  # a reused copy belongs to whoever created it
             _refuse_training(hook, module, name)
 
@@ -178,7 +170,28 @@ def fetch_plan(module: nn.Module, names: list[str], weights_map: Mapping) -> lis
     return plan
 
 
-def fp16_statistics(weights_map: Mapping, name: str, value: torch.Tensor | None):
+def install(
+    module: nn.Module,
+    name: str,
+    device,
+    value: torch.Tensor | None,
+    weights_map: Mapping,
+    tied_params_map: dict | None = None,
+) -> None:
+    """Sets tensor ``name`` of ``module`` to ``value`` (read from ``weights_map``) on
+    ``device``, with the statistics bitsandbytes keeps beside an int8 weight."""
+    set_module_tensor_to_device(
+        module,
+        name,
+        device,
+        value=value,
+        fp16_statistics=_fp16_statistics(weights_map, name, value),
+        tied_params_map=tied_params_map,
+        clear_cache=False,
+    )
+
+
+def _fp16_statistics(weights_map: Mapping, name: str, value: torch.Tensor | None):
     """The int8 scale statistics bitsandbytes keeps beside an int8 weight ("SCB"), if any."""
     if value is None or value.dtype != torch.int8 or "weight" not in name:
         return None
