@@ -19,7 +19,6 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from bigmodel.dispatch import (
-    STORE_INDEX_FILE,
     _pick_main_device,
     cpu_offload,
     cpu_offload_with_hook,
@@ -34,6 +33,7 @@ from bigmodel.hooks import (
     remove_hook_from_submodules,
 )
 from bigmodel.offload import StoreWeightsMap, offload_state_dict
+from bigmodel.offload.stores import STORE_INDEX_FILE
 from bigmodel.store import TensorStore, write_mount, write_store
 
 META = torch.device("meta")

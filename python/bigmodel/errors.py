@@ -3,7 +3,13 @@
 Every failure of the Rust store arrives as one of these classes (the binding maps each
 Rust error variant to exactly one of them); operating-system failures arrive as the
 built-in ``OSError`` family (``FileNotFoundError``, ``PermissionError``, ...).
+`name_list` is how every error message lists names.
 """
+
+from collections.abc import Iterable
+
+# How many names an error message lists before summarising the rest.
+NAMES_SHOWN = 5
 
 
 class StoreError(Exception):
@@ -27,6 +33,15 @@ class IncompleteStoreError(StoreError):
 
 class StoreFormatError(StoreError):
     """The index or a header is not a store this version can serve."""
+
+
+def name_list(names: Iterable[str], shown: int = NAMES_SHOWN) -> str:
+    """The first ``shown`` names, quoted, and how many were left out: for messages about
+    lists that may hold thousands of names."""
+    names = list(names)
+    listed = ", ".join(f"'{name}'" for name in names[:shown])
+    hidden = len(names) - shown
+    return listed if hidden <= 0 else f"{listed} and {hidden} more"
 
 
 __all__ = [

@@ -210,11 +210,11 @@ def offload_stores(model: nn.Module) -> list[TensorStore]:
     stores: dict[int, TensorStore] = {}
     for _, _, hook in iter_offload_hooks(model):
         source = hook.source_map
-        if isinstance(source, TensorStore):
-            stores[id(source)] = source
-        for served_by in getattr(source, "sources", {}).values():
-            if isinstance(served_by.store, TensorStore):
-                stores[id(served_by.store)] = served_by.store
+        # A store serves the hook directly, or behind a weights map that names its stores.
+        served_by = source.stores() if callable(getattr(source, "stores", None)) else [source]
+        for store in served_by:
+            if isinstance(store, TensorStore):
+                stores[id(store)] = store
     return list(stores.values())
 
 

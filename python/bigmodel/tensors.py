@@ -26,6 +26,26 @@ def keeps_own_dtype(dtype: torch.dtype) -> bool:
     return str(dtype).startswith(("torch.uint", "torch.int", "torch.bool"))
 
 
+def as_torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``torch.float16``, ``"float16"`` or ``"torch.float16"`` as a torch dtype (any other
+    object, such as accelerate's ``CustomDtype``, is returned as it is).
+
+    Raises:
+        ValueError: a name that is not a torch dtype.
+    """
+    if not isinstance(dtype, str):
+        return dtype
+    resolved = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype (such as 'float16' or 'bfloat16')")
+    return resolved
+
+
+def torch_dtype_name(dtype: torch.dtype) -> str:
+    """The name `as_torch_dtype` reads back: ``torch.float16`` -> ``"float16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
 def owner_and_leaf(module: nn.Module, tensor_name: str) -> tuple[nn.Module, str]:
     """The module that directly holds the tensor ``tensor_name`` (a dotted name relative to
     ``module``) and the tensor's attribute name in it: ``"block.linear.weight"`` gives

@@ -1,177 +1,27 @@
-"""Weights maps for offloaded modules, and accelerate's offload-folder utilities.
+"""accelerate's offload-folder utilities and weights maps, with accelerate's behaviour.
 
-A *weights map* is a read-only ``Mapping[str, Tensor]`` from which an offloading hook fetches
-a module's weights at every forward. bigmodel's own offload paths use `StoreWeightsMap`,
-served by one `TensorStore` (zero-copy views, residency cache, background prefetch).
-
-The other names keep accelerate's ``.dat`` offload-folder format and behaviour, so folders
-written by accelerate or transformers can be read and written::
+Folders written by accelerate or transformers can be read and written::
 
     <folder>/index.json        {"<name>": {"dtype": "float32", "shape": [4, 3]}, ...}
     <folder>/<name>.dat        raw C-order bytes, no header (bf16 as int16, float8 as int8)
+
+`OffloadedWeightsLoader` is accelerate's weights map over such a folder (or over safetensors
+files); `PrefixedDataset` is the view an offloading hook reads under its module's name.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import NamedTuple
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
-from bigmodel.tensors import set_module_tensor_to_device
+from bigmodel.tensors import as_torch_dtype, set_module_tensor_to_device, torch_dtype_name
 
-_INDEX_FILE = "index.json"
-
-
-# --------------------------------------------------------------------------------------
-# The store-backed weights map used by cpu_offload / disk_offload / dispatch_model
-# --------------------------------------------------------------------------------------
-
-
-class TensorSource(NamedTuple):
-    """Where one weight comes from: ``store[key]``, then cast to ``dtype`` when given."""
-
-    store: Mapping[str, torch.Tensor]
-    key: str
-    dtype: torch.dtype | None = None
-
-
-class StoreWeightsMap(Mapping[str, torch.Tensor]):
-    """The weights map of bigmodel's offload hooks.
-
-    Args:
-        state_dict: tensors held in RAM; they win over ``sources`` (as in accelerate's
-            `OffloadedWeightsLoader`) and are returned as they are.
-        sources: for every other name, the store (usually one `TensorStore`) and key that
-            serve it. Several names may share one key: a tied tensor is stored once.
-
-    ``prefetch(names)`` forwards to the stores that have a ``prefetch`` method, so a
-    prefetcher can start the reads of the next modules without knowing where they live.
-    Offloading hooks resolve each name once, with `reader`, on their first forward: give
-    a hook a new map rather than changing a map's ``sources`` under it.
-    """
-
-    def __init__(
-        self,
-        state_dict: Mapping[str, torch.Tensor] | None = None,
-        sources: Mapping[str, TensorSource] | None = None,
-    ):
-        # Kept as given (not copied): it may be a lazy mapping.
-        self.state_dict = {} if state_dict is None else state_dict
-        self.sources = {
-            name: source for name, source in (sources or {}).items() if name not in self.state_dict
-        }
-
-    def __deepcopy__(self, memo: dict) -> StoreWeightsMap:
-        # Stores (and lazy mappings) are read-only and hold OS resources: a copy shares them.
-        in_ram = self.state_dict
-        copied = StoreWeightsMap(
-            copy.deepcopy(in_ram, memo) if isinstance(in_ram, dict) else in_ram
-        )
-        copied.sources = dict(self.sources)
-        return copied
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        tensor = self.state_dict.get(name)
-        if tensor is not None:
-            return tensor
-        source = self.sources.get(name)
-        if source is None:
-            raise KeyError(name)
-        value = source.store[source.key]
-        return value if source.dtype is None else value.to(source.dtype)
-
-    def reader(self, name: str) -> Callable[[], torch.Tensor]:
-        """A function returning ``self[name]``, resolved once (see `TensorStore.reader`)."""
-        if name in self.state_dict or name not in self.sources:
-            return functools.partial(self.__getitem__, name)
-        store, key, dtype = self.sources[name]
-        make_reader = getattr(store, "reader", None)
-        read = (
-            make_reader(key)
-            if make_reader is not None
-            else functools.partial(store.__getitem__, key)
-        )
-        if dtype is None:
-            return read
-        return lambda: read().to(dtype)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.state_dict or name in self.sources
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self.state_dict
-        yield from self.sources
-
-    def __len__(self) -> int:
-        return len(self.state_dict) + len(self.sources)
-
-    @functools.cached_property
-    def index(self) -> dict[str, dict]:
-        """accelerate's offload index of the store-served names, as `OffloadedWeightsLoader`
-        holds it, for code written against accelerate that reads it (peft rebuilds the
-        ``offload_index`` of a dispatched model from ``weights_map.dataset.index``).
-
-        A tensor stored uncompressed in a safetensors file (a mounted checkpoint or a
-        bigmodel shard) gets ``{"safetensors_file", "weight_name", "dtype"}``, one in an
-        accelerate ``.dat`` file ``{"dtype", "shape"}``. Compressed tensors have no entry:
-        no accelerate reader could serve them.
-        """
-        index = {}
-        for name, source in self.sources.items():
-            entry = _offload_index_entry(source)
-            if entry is not None:
-                index[name] = entry
-        return index
-
-    def prefetch(self, names: Iterable[str]) -> None:
-        """Starts background reads of the store-served ``names``; returns at once."""
-        for store, keys in self.store_keys(names):
-            store.prefetch(keys)
-
-    def store_keys(self, names: Iterable[str]) -> list[tuple[Mapping, list[str]]]:
-        """``(store, keys)`` for the store-served ``names`` that can be read ahead, grouped by
-        store in first-seen order; names held in RAM are left out."""
-        keys_by_store: dict[int, tuple[Mapping, list[str]]] = {}
-        for name in names:
-            source = self.sources.get(name)
-            if source is None or not hasattr(source.store, "prefetch"):
-                continue  # in RAM already, or a store that cannot read ahead
-            keys_by_store.setdefault(id(source.store), (source.store, []))[1].append(source.key)
-        return list(keys_by_store.values())
-
-
-def _offload_index_entry(source: TensorSource) -> dict | None:
-    """accelerate's offload-index entry for one store-served tensor (see
-    `StoreWeightsMap.index`), or None when no accelerate reader could serve it."""
-    loader_index = getattr(source.store, "index", None)  # an OffloadedWeightsLoader
-    if isinstance(loader_index, Mapping):
-        return loader_index.get(source.key)
-    info = getattr(source.store, "info", None)
-    if info is None:
-        return None
-    stored = info(source.key)
-    if stored["codec"] != "none":
-        return None
-    dtype = _dtype_name(source.dtype or stored["dtype"])
-    if stored["file"].endswith(".dat"):
-        return {"dtype": dtype, "shape": list(stored["shape"])}
-    return {"safetensors_file": stored["file"], "weight_name": source.key, "dtype": dtype}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-# --------------------------------------------------------------------------------------
-# accelerate's `.dat` offload folder
-# --------------------------------------------------------------------------------------
+INDEX_FILE = "index.json"
 
 
 def offload_weight(
@@ -196,7 +46,7 @@ def _as_numpy(weight: torch.Tensor) -> tuple[np.ndarray, str]:
     """The tensor's bytes as a numpy array, and the dtype name the index records."""
     # Detached: accelerate refused tensors that require grad (a raw nn.Parameter).
     weight = weight.detach().cpu()
-    dtype_name = _dtype_name(weight.dtype)
+    dtype_name = torch_dtype_name(weight.dtype)
     if weight.dtype == torch.bfloat16:
         return weight.view(torch.int16).numpy(), dtype_name
     if dtype_name.startswith("float8_"):
@@ -229,7 +79,7 @@ def load_offloaded_weight(weight_file: str | os.PathLike, weight_info: Mapping) 
     array = np.fromfile(weight_file, dtype=numpy_dtype, count=count)
     tensor = torch.from_numpy(array).reshape(shape)
     if numpy_dtype.name != dtype_name:  # bf16 / float8: reinterpret the bits
-        tensor = tensor.view(getattr(torch, dtype_name))
+        tensor = tensor.view(as_torch_dtype(dtype_name))
     return tensor
 
 
@@ -240,7 +90,7 @@ def save_offload_index(index: Mapping | None, offload_folder: str | os.PathLike)
     """
     if not index:
         return
-    index_file = os.path.join(offload_folder, _INDEX_FILE)
+    index_file = os.path.join(offload_folder, INDEX_FILE)
     merged = {}
     if os.path.isfile(index_file):
         with open(index_file, encoding="utf-8") as f:
@@ -322,7 +172,7 @@ class OffloadedWeightsLoader(Mapping):
         self.state_dict = {} if state_dict is None else state_dict
         self.save_folder = save_folder
         if index is None and save_folder is not None:
-            with open(os.path.join(save_folder, _INDEX_FILE)) as f:
+            with open(os.path.join(save_folder, INDEX_FILE)) as f:
                 index = json.load(f)
         self.index = {} if index is None else index
         self.all_keys = list(self.state_dict)
@@ -348,7 +198,7 @@ class OffloadedWeightsLoader(Mapping):
             with safe_open(weight_info["safetensors_file"], framework="pt", device="cpu") as f:
                 tensor = f.get_tensor(file_key)
         if "dtype" in weight_info:
-            tensor = tensor.to(getattr(torch, weight_info["dtype"]))
+            tensor = tensor.to(as_torch_dtype(weight_info["dtype"]))
         if tensor.device != torch.device(device):
             tensor = tensor.to(device)
         return tensor
