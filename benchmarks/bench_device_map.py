@@ -30,8 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_description, median_of_alternating  # noqa: E402
 
-from bigmodel.device_map import infer_auto_device_map  # noqa: E402
-from bigmodel.memory import compute_module_sizes  # noqa: E402
+from bigmodel.utils import compute_module_sizes, infer_auto_device_map  # noqa: E402
 
 
 class Attention(nn.Module):

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import evict_from_page_cache, machine_description  # noqa: E402
 
 from bigmodel.demo import _ensure_built  # noqa: E402
-from bigmodel.memory import convert_file_size_to_int  # noqa: E402
+from bigmodel.utils import convert_file_size_to_int  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"

@@ -57,8 +57,8 @@ from _common import (  # noqa: E402
 )
 
 from bigmodel import _core  # noqa: E402
-from bigmodel.memory import convert_file_size_to_int  # noqa: E402
 from bigmodel.store import TensorStore, write_store  # noqa: E402
+from bigmodel.utils import convert_file_size_to_int  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "bench_store"

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, LlamaForCausalLM
 
-from bigmodel.memory import compute_module_sizes
+from bigmodel.utils import compute_module_sizes
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402

@@ -13,7 +13,7 @@ from _models import Block, ModelForTest
 from accelerate.utils import modeling as upstream
 from torch import nn
 
-from bigmodel.device_map import (
+from bigmodel.utils import (
     check_device_map,
     clean_device_map,
     fallback_allocate,

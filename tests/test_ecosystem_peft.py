@@ -23,7 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import bigmodel
-from bigmodel.memory import compute_module_sizes
+from bigmodel.utils import compute_module_sizes
 
 LORA = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
 DISK_LAYER = "model.layers.1.self_attn.q_proj"

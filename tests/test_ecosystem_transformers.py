@@ -31,7 +31,7 @@ from transformers.integrations.accelerate import accelerate_dispatch
 
 import bigmodel
 import bigmodel.hooks
-from bigmodel.memory import compute_module_sizes
+from bigmodel.utils import compute_module_sizes
 
 GPT2_DISK_MAP = {
     "transformer.wte": "cpu",

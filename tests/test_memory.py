@@ -9,8 +9,8 @@ from _models import ModelForTest
 from accelerate.utils import modeling as upstream
 from torch import nn
 
-from bigmodel import memory
-from bigmodel.memory import (
+from bigmodel.planning import budgets as memory
+from bigmodel.utils import (
     calculate_maximum_sizes,
     compute_module_sizes,
     compute_module_total_buffer_size,

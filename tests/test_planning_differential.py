@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bigmodel import device_map as ours_map
-from bigmodel import memory as ours_memory
+from bigmodel import utils as ours_map
+from bigmodel import utils as ours_memory
 from bigmodel.tied import find_tied_parameters
 
 SETTINGS = settings(

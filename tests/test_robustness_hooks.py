@@ -27,10 +27,9 @@ import pytest
 import torch
 from torch import nn
 
-from bigmodel.hooks import swap
 from bigmodel.dispatch import disk_offload
 from bigmodel.errors import CorruptStoreError
-from bigmodel.hooks import iter_offload_hooks
+from bigmodel.hooks import iter_offload_hooks, swap
 from bigmodel.prefetch import offload_stores
 from bigmodel.store import TensorStore
 

@@ -11,8 +11,7 @@ import torch
 from _cli import run_cli
 
 from bigmodel import _core
-from bigmodel.memory import convert_file_size_to_int
-from bigmodel.sizes import parse_size
+from bigmodel.sizes import convert_file_size_to_int, parse_size
 from bigmodel.store import TensorStore, write_store
 
 

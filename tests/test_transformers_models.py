@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from bigmodel import init_empty_weights, load_checkpoint_and_dispatch, load_checkpoint_in_model
-from bigmodel.memory import compute_module_sizes
+from bigmodel.utils import compute_module_sizes
 
 TINY = {
     "llama": lambda: LlamaForCausalLM(

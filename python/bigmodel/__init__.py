@@ -22,7 +22,7 @@ _EXPORTS = {
     "disk_offload": "dispatch",
     "dispatch_model": "dispatch",
     "attach_layerwise_casting_hooks": "hooks",
-    "infer_auto_device_map": "device_map",
+    "infer_auto_device_map": "planning.planner",
     "load_checkpoint_in_model": "loading",
     "load_checkpoint_and_dispatch": "loading",
     "patch_accelerate": "integration",
@@ -78,7 +78,6 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from bigmodel.device_map import infer_auto_device_map
     from bigmodel.dispatch import cpu_offload, cpu_offload_with_hook, disk_offload, dispatch_model
     from bigmodel.empty import init_empty_weights, init_on_device
     from bigmodel.errors import (
@@ -91,4 +90,5 @@ if TYPE_CHECKING:
     from bigmodel.hooks import attach_layerwise_casting_hooks
     from bigmodel.integration import patch_accelerate
     from bigmodel.loading import load_checkpoint_and_dispatch, load_checkpoint_in_model
+    from bigmodel.planning.planner import infer_auto_device_map
     from bigmodel.store import TensorStore, write_store

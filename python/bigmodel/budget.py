@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bigmodel.memory import convert_file_size_to_int
-from bigmodel.sizes import parse_size
+from bigmodel.sizes import convert_file_size_to_int, format_size, parse_size
+from bigmodel.tensors import owner_and_leaf
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def disk_cache_budget(
     docstring for the order in which sources are consulted)."""
     if max_resident is not None:
         budget = parse_size(max_resident, "max_resident")
-        logger.info("disk store budget %s: max_resident as given", _mb(budget))
+        logger.info("disk store budget %s: max_resident as given", format_size(budget))
         return budget
     in_ram = bytes_kept_in_ram(model, device_map)
     if cpu_budget is None:
@@ -69,14 +69,14 @@ def disk_cache_budget(
         cpu_budget = convert_file_size_to_int(cpu_budget)
     else:
         cpu_budget = int(available_memory() * _SHARE_OF_AVAILABLE)
-        source = f"half the memory available on this machine ({_mb(available_memory())})"
+        source = f"half the memory available on this machine ({format_size(available_memory())})"
     budget = max(cpu_budget - in_ram, 0)
     logger.info(
         "disk store budget %s: %s (%s) minus %s of weights kept in RAM",
-        _mb(budget),
+        format_size(budget),
         source,
-        _mb(cpu_budget),
-        _mb(in_ram),
+        format_size(cpu_budget),
+        format_size(in_ram),
     )
     return budget
 
@@ -100,8 +100,8 @@ def _tensors_under(model: nn.Module, name: str) -> list[torch.Tensor]:
     try:
         module = model.get_submodule(name)
     except AttributeError:  # a single tensor's entry
-        module_name, _, leaf = name.rpartition(".")
-        tensor = getattr(model.get_submodule(module_name), leaf, None)
+        owner, leaf = owner_and_leaf(model, name)
+        tensor = getattr(owner, leaf, None)
         return [tensor] if isinstance(tensor, torch.Tensor) else []
     return [*module.parameters(), *module.buffers()]
 
@@ -155,7 +155,3 @@ def _read_number(path: Path) -> int | None:
     except OSError:
         return None
     return None if value == "max" else int(value)
-
-
-def _mb(nbytes: int) -> str:
-    return f"{nbytes / 1e6:.0f} MB"

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from bigmodel.budget import disk_cache_budget
-from bigmodel.device_map import check_device_map
 from bigmodel.hooks import (
     AlignDevicesHook,
     CpuOffload,
@@ -43,6 +42,7 @@ from bigmodel.offload.stores import (
     tensors_under,
     tie_candidates,
 )
+from bigmodel.planning.checks import check_device_map
 from bigmodel.prefetch import attach_prefetcher
 from bigmodel.tensors import get_tensor, owner_and_leaf
 from bigmodel.tied import find_tied_parameters, retie_parameters

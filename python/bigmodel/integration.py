@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from importlib import import_module
 from types import ModuleType
 
-from bigmodel import device_map, dispatch, empty, hooks, loading, memory
+from bigmodel import dispatch, empty, hooks, loading, utils
 
 # The packages whose modules may hold their own bindings of accelerate's names.
 CLIENT_PACKAGES = ("accelerate", "transformers", "diffusers", "peft", "sentence_transformers")
@@ -70,36 +70,39 @@ REPLACED: dict[str, dict[str, ModuleType]] = {
         )
     },
     "accelerate.utils.modeling": {
-        "infer_auto_device_map": device_map,
-        "check_device_map": device_map,
-        "clean_device_map": device_map,
-        "get_module_size_with_ties": device_map,
-        "fallback_allocate": device_map,
-        "get_balanced_memory": memory,
-        "get_max_memory": memory,  # converted in place: see `get_max_memory_in_place`
-        "compute_module_sizes": memory,
-        "compute_module_total_buffer_size": memory,
-        "get_max_layer_size": memory,
-        "calculate_maximum_sizes": memory,
-        "load_checkpoint_in_model": loading,
-        "get_state_dict_offloaded_model": loading,
-        "get_state_dict_from_offload": loading,
-        "has_offloaded_params": hooks,
-        "align_module_device": hooks,
+        name: utils
+        for name in (
+            "infer_auto_device_map",
+            "check_device_map",
+            "clean_device_map",
+            "get_module_size_with_ties",
+            "fallback_allocate",
+            "get_balanced_memory",
+            "get_max_memory",  # converted in place: see `get_max_memory_in_place`
+            "compute_module_sizes",
+            "compute_module_total_buffer_size",
+            "get_max_layer_size",
+            "calculate_maximum_sizes",
+            "load_checkpoint_in_model",
+            "get_state_dict_offloaded_model",
+            "get_state_dict_from_offload",
+            "has_offloaded_params",
+            "align_module_device",
+        )
     },
 }
 
 
-@functools.wraps(memory.get_max_memory)
+@functools.wraps(utils.get_max_memory)
 def get_max_memory_in_place(max_memory=None):
-    """`bigmodel.memory.get_max_memory`, after converting the size strings of the caller's
+    """`bigmodel.utils.get_max_memory`, after converting the size strings of the caller's
     ``max_memory`` to ints in place, as accelerate does: transformers compares the caller's
     dict with the result (``min(max_memory[d], final[d])``) and fails on a string."""
     if max_memory is not None:
         for key, value in max_memory.items():
             if isinstance(value, str):
-                max_memory[key] = memory.convert_file_size_to_int(value)
-    return memory.get_max_memory(max_memory)
+                max_memory[key] = utils.convert_file_size_to_int(value)
+    return utils.get_max_memory(max_memory)
 
 
 def _check_device_map_as_accelerate_holds_it(model, device_map_) -> None:
@@ -129,7 +132,7 @@ class AcceleratePatch:
             _active_patches -= 1
             if _active_patches == 0:
                 _rebind(_replacements(to_bigmodel=False))
-                dispatch.check_device_map = device_map.check_device_map
+                dispatch.check_device_map = utils.check_device_map
 
     def __enter__(self) -> AcceleratePatch:
         return self

@@ -30,10 +30,12 @@ from torch import nn
 
 from bigmodel import _core
 from bigmodel.budget import disk_cache_budget
-from bigmodel.device_map import check_device_map, infer_auto_device_map
 from bigmodel.dispatch import dispatch_model
 from bigmodel.hooks import align_module_device, has_offloaded_params
-from bigmodel.memory import compute_module_sizes, get_balanced_memory, get_max_memory
+from bigmodel.planning.budgets import get_max_memory
+from bigmodel.planning.checks import check_device_map
+from bigmodel.planning.module_sizes import compute_module_sizes
+from bigmodel.planning.strategies import plan_for_strategy
 from bigmodel.sizes import format_size
 from bigmodel.store import TensorStore, write_mount, write_store
 from bigmodel.tensors import set_module_tensor_to_device
@@ -48,7 +50,6 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "pytorch_model.bin"
 SAFE_WEIGHTS_NAME = "model.safetensors"
-STRING_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # Sub-folder of the offload folder holding the few tensors that have to be written (see
 # `_commit_offload_store`); the store in the offload folder mounts its shards.
 WRITTEN_SUBFOLDER = "written"
@@ -679,42 +680,6 @@ def _retie(model: nn.Module, tied_params: list[list[str]]) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _plan_device_map(
-    model, device_map: str, max_memory, no_split_module_classes, dtype, offload_buffers
-):
-    """Turns "auto"/"balanced"/"balanced_low_0"/"sequential" into a device_map.
-
-    Returns the map and the per-device budgets it was planned with.
-    """
-    if device_map not in STRING_DEVICE_MAPS:
-        raise ValueError(
-            "If passing a string for `device_map`, please choose 'auto', 'balanced', "
-            "'balanced_low_0' or 'sequential'."
-        )
-    if no_split_module_classes is None:
-        no_split_module_classes = sorted(getattr(model, "_no_split_modules", None) or [])
-    if max_memory is not None:
-        max_memory = dict(max_memory)  # the budget helpers may rewrite the values in place
-    if device_map == "sequential":
-        budgets = get_max_memory(max_memory)
-    else:
-        budgets = get_balanced_memory(
-            model,
-            max_memory=max_memory,
-            no_split_module_classes=no_split_module_classes,
-            dtype=dtype,
-            low_zero=device_map == "balanced_low_0",
-        )
-    planned = infer_auto_device_map(
-        model,
-        max_memory=dict(budgets),
-        no_split_module_classes=no_split_module_classes,
-        dtype=dtype,
-        offload_buffers=offload_buffers,
-    )
-    return planned, budgets
-
-
 def load_checkpoint_and_dispatch(
     model: nn.Module,
     checkpoint: str | os.PathLike,
@@ -756,9 +721,10 @@ def load_checkpoint_and_dispatch(
     dtype = _as_dtype(dtype)
     budgets = None
     if isinstance(device_map, str):
-        device_map, budgets = _plan_device_map(
+        plan = plan_for_strategy(
             model, device_map, max_memory, no_split_module_classes, dtype, offload_buffers
         )
+        device_map, budgets = plan.device_map, plan.budgets
     offloads_to_disk = device_map is not None and "disk" in device_map.values()
     if offloads_to_disk and offload_folder is None:
         raise _missing_offload_folder_error(model, device_map, dtype, budgets)

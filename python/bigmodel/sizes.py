@@ -1,11 +1,14 @@
-"""Byte sizes in bigmodel's own arguments: ``max_resident=``, ``write_store(shard_size=)``,
-the command line's ``--shard-size`` and ``--budget``.
+"""Sizes written as text, both ways: parsing sizes people give, formatting sizes for people.
 
-One rule, with no surprises: a size is a number of bytes, given as an integer, an integer
-string, or a number with a unit. ``KB``, ``MB``, ``GB``, ``TB`` are powers of 1000 and
-``KiB``, ``MiB``, ``GiB``, ``TiB`` powers of 1024, in any letter case (``"256mb"`` is 256
-megabytes, never bits). accelerate's own functions (``convert_file_size_to_int``,
-``max_memory``) keep accelerate's parsing; see ``bigmodel.memory``.
+bigmodel's own arguments (``max_resident=``, ``write_store(shard_size=)``, the command line's
+``--shard-size`` and ``--budget``) follow one rule, with no surprises (`parse_size`): a size
+is a number of bytes, given as an integer, an integer string, or a number with a unit.
+``KB``, ``MB``, ``GB``, ``TB`` are powers of 1000 and ``KiB``, ``MiB``, ``GiB``, ``TiB``
+powers of 1024, in any letter case (``"256mb"`` is 256 megabytes, never bits).
+
+accelerate's functions (``max_memory`` budgets, ``fallback_allocate``'s limit) keep
+accelerate's rule (`convert_file_size_to_int`): a trailing lowercase "b" means bits, there
+is no TB, and a bare number string is refused.
 """
 
 from __future__ import annotations
@@ -78,3 +81,47 @@ def format_size(nbytes: float) -> str:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
         nbytes /= 1000
     raise AssertionError("unreachable")
+
+
+# Suffix, multiplier, and whether a trailing lowercase "b" turns bytes into bits. Binary
+# suffixes come first so that "GIB" is not read as "B".
+_ACCELERATE_UNITS = (
+    ("GIB", 2**30, False),
+    ("MIB", 2**20, False),
+    ("KIB", 2**10, False),
+    ("GB", 10**9, True),
+    ("MB", 10**6, True),
+    ("KB", 10**3, True),
+)
+
+
+def convert_file_size_to_int(size: int | str) -> int:
+    """Converts a size such as ``"5GB"``, ``"1.5GiB"`` or ``"10Mb"`` to a number of bytes.
+
+    Units: GiB/MiB/KiB (powers of 2) and GB/MB/KB (powers of 10), any case. A decimal unit
+    ending in a lowercase ``b`` is in bits (``"10Gb"`` is 1.25 GB). Ints are returned as they
+    are. There is no TB unit and a bare number string is refused, as in accelerate.
+
+    Raises:
+        ValueError: unknown unit, not a number, or negative.
+    """
+    error = (
+        f"`size` {size} is not in a valid format. Use an integer for bytes, or a string with an "
+        "unit (like '5.0GB')."
+    )
+    if isinstance(size, int):
+        if size < 0:
+            raise ValueError(error)
+        return size
+    for suffix, multiplier, bits_allowed in _ACCELERATE_UNITS:
+        if size.upper().endswith(suffix):
+            try:
+                n_bytes = int(float(size[: -len(suffix)]) * multiplier)
+            except ValueError:
+                raise ValueError(error) from None
+            if bits_allowed and size.endswith("b"):
+                n_bytes //= 8
+            if n_bytes < 0:
+                raise ValueError(error)
+            return n_bytes
+    raise ValueError(error)

@@ -10,10 +10,10 @@ import inspect
 import logging
 from collections.abc import Mapping
 
-import torch
 from torch import nn
 
-from bigmodel.memory import ModelScan
+from bigmodel.planning.module_sizes import ModelScan
+from bigmodel.tensors import get_tensor, set_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def retie_parameters(model: nn.Module, tied_params: list[list[str]]) -> None:
         source = next(
             (
                 parameter
-                for parameter in (_get_tensor(model, name) for name in group)
+                for parameter in (get_tensor(model, name) for name in group)
                 if parameter.device.type != "meta"
             ),
             None,
@@ -69,13 +69,7 @@ def retie_parameters(model: nn.Module, tied_params: list[list[str]]) -> None:
         if source is None:
             continue
         for name in group:
-            owner_path, _, attribute = name.rpartition(".")
-            setattr(model.get_submodule(owner_path), attribute, source)
-
-
-def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
-    owner_path, _, attribute = name.rpartition(".")
-    return getattr(model.get_submodule(owner_path), attribute)
+            set_tensor(model, name, source)
 
 
 def check_tied_parameters_on_same_device(

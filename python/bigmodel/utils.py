@@ -1,33 +1,15 @@
 """accelerate's ``accelerate.utils`` / ``accelerate.utils.modeling`` / ``accelerate.utils.offload``
 names, at one import location: ``from bigmodel.utils import compute_module_sizes``.
 
-Only re-exports: every name is defined in the module named beside its import.
+Only re-exports: every name is defined in the package or module it is imported from.
 """
 
-from bigmodel.device_map import (
-    check_device_map,
-    clean_device_map,
-    fallback_allocate,
-    get_module_size_with_ties,
-    infer_auto_device_map,
-)
 from bigmodel.hooks import align_module_device, has_offloaded_params
 from bigmodel.loading import (
     get_state_dict_from_offload,
     get_state_dict_offloaded_model,
     load_checkpoint_in_model,
     load_state_dict,
-)
-from bigmodel.memory import (
-    calculate_maximum_sizes,
-    compute_module_sizes,
-    compute_module_total_buffer_size,
-    convert_file_size_to_int,
-    dtype_byte_size,
-    get_balanced_memory,
-    get_max_layer_size,
-    get_max_memory,
-    get_module_leaves,
 )
 from bigmodel.offload import (
     OffloadedWeightsLoader,
@@ -40,6 +22,20 @@ from bigmodel.offload import (
     save_offload_index,
 )
 from bigmodel.operations import find_device, send_to_device
+from bigmodel.planning.budgets import get_balanced_memory, get_max_memory
+from bigmodel.planning.checks import check_device_map, clean_device_map
+from bigmodel.planning.fallback import fallback_allocate
+from bigmodel.planning.module_sizes import (
+    calculate_maximum_sizes,
+    compute_module_sizes,
+    compute_module_total_buffer_size,
+    dtype_byte_size,
+    get_max_layer_size,
+    get_module_leaves,
+)
+from bigmodel.planning.planner import infer_auto_device_map
+from bigmodel.planning.tied_groups import get_module_size_with_ties
+from bigmodel.sizes import convert_file_size_to_int
 from bigmodel.tensors import (
     check_device_same,
     get_non_persistent_buffers,

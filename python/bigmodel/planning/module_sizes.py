@@ -1,43 +1,26 @@
-"""Sizes and memory budgets: size strings, dtype sizes, module sizes, per-device budgets.
+"""Sizes of a model's modules and tensors, from shapes and dtypes alone (meta models work).
 
-Everything here works on meta models (only shapes and dtypes are read). Results match
-accelerate 1.15, including its units ("GB" is 10**9, "GiB" 2**30, a trailing lowercase "b"
-means bits) and its fractional size of bool tensors (1/8 byte per element). Differences, all
-fixes of crashes or surprises: `get_max_memory` never modifies the caller's dict, and
-`get_balanced_memory` accepts a ``"disk"`` budget and GPU ids that do not start at 0 or have
-gaps (see `get_balanced_memory`).
+`ModelScan` walks a model once and collects what planning needs (its modules, tensors, tied
+names and sizes); `compute_module_sizes` and the other accelerate functions here are views of
+such a scan. Results match accelerate 1.15, including its fractional size of bool tensors
+(1/8 byte per element).
 """
 
 from __future__ import annotations
 
 import enum
-import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 
-import psutil
 import torch
 from torch import nn
 
-from bigmodel.tensors import keeps_own_dtype
-
-logger = logging.getLogger(__name__)
+from bigmodel.tensors import as_torch_dtype, keeps_own_dtype
 
 Size = int | float  # bool tensors make sizes fractional (1/8 byte per element)
 DeviceKey = int | str
 DtypeLike = str | torch.dtype
-
-# Suffix, multiplier, and whether a trailing lowercase "b" turns bytes into bits. Binary
-# suffixes come first so that "GIB" is not read as "B".
-_SIZE_UNITS = (
-    ("GIB", 2**30, False),
-    ("MIB", 2**20, False),
-    ("KIB", 2**10, False),
-    ("GB", 10**9, True),
-    ("MB", 10**6, True),
-    ("KB", 10**3, True),
-)
 
 _FLOAT8_NAMES = (
     "float8_e4m3fn",
@@ -49,41 +32,6 @@ _FLOAT8_NAMES = (
 _FLOAT8_DTYPES = frozenset(getattr(torch, name) for name in _FLOAT8_NAMES if hasattr(torch, name))
 # Sizes of accelerate's `CustomDtype` members (an Enum), recognised by their values.
 _CUSTOM_DTYPE_SIZES = {"int2": 0.25, "int4": 0.5, "fp8": 1}
-
-# The keys a memory budget may have besides accelerator indices, in the order they are used.
-_NAMED_DEVICES = ("mps", "cpu", "disk")
-
-
-def convert_file_size_to_int(size: int | str) -> int:
-    """Converts a size such as ``"5GB"``, ``"1.5GiB"`` or ``"10Mb"`` to a number of bytes.
-
-    Units: GiB/MiB/KiB (powers of 2) and GB/MB/KB (powers of 10), any case. A decimal unit
-    ending in a lowercase ``b`` is in bits (``"10Gb"`` is 1.25 GB). Ints are returned as they
-    are. There is no TB unit and a bare number string is refused, as in accelerate.
-
-    Raises:
-        ValueError: unknown unit, not a number, or negative.
-    """
-    error = (
-        f"`size` {size} is not in a valid format. Use an integer for bytes, or a string with an "
-        "unit (like '5.0GB')."
-    )
-    if isinstance(size, int):
-        if size < 0:
-            raise ValueError(error)
-        return size
-    for suffix, multiplier, bits_allowed in _SIZE_UNITS:
-        if size.upper().endswith(suffix):
-            try:
-                n_bytes = int(float(size[: -len(suffix)]) * multiplier)
-            except ValueError:
-                raise ValueError(error) from None
-            if bits_allowed and size.endswith("b"):
-                n_bytes //= 8
-            if n_bytes < 0:
-                raise ValueError(error)
-            return n_bytes
-    raise ValueError(error)
 
 
 def dtype_byte_size(dtype: torch.dtype) -> Size:
@@ -104,13 +52,6 @@ def dtype_byte_size(dtype: torch.dtype) -> Size:
     return int(bits.group(1)) // 8
 
 
-def as_torch_dtype(dtype: DtypeLike) -> torch.dtype:
-    """Accepts ``torch.float16``, ``"float16"`` or ``"torch.float16"``."""
-    if isinstance(dtype, str):
-        return getattr(torch, dtype.replace("torch.", ""))
-    return dtype
-
-
 class ModelScan:
     """The modules, tensors and sizes of a model, collected in one walk.
 
@@ -127,6 +68,7 @@ class ModelScan:
         dtype: DtypeLike | None = None,
         special_dtypes: Mapping[str, DtypeLike] | None = None,
     ) -> None:
+        self.dtype, self.special_dtypes = dtype, special_dtypes  # what the sizes assume
         self._sizer = _TensorSizer(dtype, special_dtypes)
         # named_modules(remove_duplicate=False): a shared module appears once per name.
         self.paths: list[tuple[str, nn.Module]] = []
@@ -358,173 +300,10 @@ def _depth_first_layer_names(
             stack.extend((f"{name}.{child}", module) for child, module in reversed(children))
 
 
-def get_max_memory(
-    max_memory: Mapping[DeviceKey, int | str] | None = None,
-) -> dict[DeviceKey, Size]:
-    """The memory budget of each device, in bytes, as a new dict.
-
-    Args:
-        max_memory: ``{device: budget}`` with ints (accelerator indices), ``"mps"``, ``"cpu"``
-            and ``"disk"`` as keys and bytes or size strings as values; ``None`` measures the
-            free memory of every CUDA device and the available RAM (``"cpu"``, or ``"mps"`` on
-            Apple silicon; no ``"cpu"`` budget next to an integrated GPU that shares RAM).
-
-    Returns the budgets ordered: accelerator indices ascending, then mps, cpu, disk. The
-    caller's dict is left untouched.
-
-    Raises:
-        ValueError: an unknown key (such as ``"cuda:0"``) or an invalid size string.
-    """
-    if max_memory is None:
-        return _measure_free_memory()
-    budgets = {
-        key: convert_file_size_to_int(value) if isinstance(value, str) else value
-        for key, value in max_memory.items()
-    }
-    accelerators = sorted(key for key in budgets if isinstance(key, int))
-    device_count = torch.cuda.device_count()
-    for index in accelerators:
-        if index >= device_count or index < 0:
-            available = list(range(device_count))
-            logger.warning(f"Device {index} is not available, available devices are {available}")
-    ordered_keys = accelerators + [key for key in _NAMED_DEVICES if key in budgets]
-    for key in budgets:
-        if key not in ordered_keys:
-            raise ValueError(
-                f"Device {key} is not recognized, available devices are integers(for GPU/XPU), "
-                "'mps', 'cpu' and 'disk'"
-            )
-    return {key: budgets[key] for key in ordered_keys}
-
-
-def _measure_free_memory() -> dict[DeviceKey, Size]:
-    budgets: dict[DeviceKey, Size] = {}
-    shares_host_ram = False
-    for index in range(torch.cuda.device_count()):
-        try:
-            torch.tensor([0], device=index)  # creates the context so that the reading is right
-            budgets[index] = torch.cuda.mem_get_info(index)[0]
-            properties = torch.cuda.get_device_properties(index)
-        except RuntimeError:
-            logger.info(
-                f"Device {index} seems unavailable, Proceeding to check subsequent devices."
-            )
-            continue
-        shares_host_ram = shares_host_ram or getattr(properties, "is_integrated", False)
-    available_ram = psutil.virtual_memory().available
-    if torch.backends.mps.is_available():
-        budgets["mps"] = available_ram
-    elif not shares_host_ram:
-        # An integrated GPU's memory *is* the RAM: a separate CPU budget would count it twice.
-        budgets["cpu"] = available_ram
-    return budgets
-
-
 def get_module_leaves(module_sizes: Mapping[str, Size]) -> list[str]:
     """The names in ``module_sizes`` (except ``""``) that have no child name in it, in order."""
     parents = {name.rsplit(".", 1)[0] for name in module_sizes if "." in name}
     return [name for name in module_sizes if name and name not in parents]
-
-
-def get_balanced_memory(
-    model: nn.Module,
-    max_memory: Mapping[DeviceKey, int | str] | None = None,
-    no_split_module_classes: str | Iterable[str] | None = None,
-    dtype: DtypeLike | None = None,
-    special_dtypes: Mapping[str, DtypeLike] | None = None,
-    low_zero: bool = False,
-) -> dict[DeviceKey, Size]:
-    """Budgets that spread ``model`` evenly over the GPUs, for `infer_auto_device_map`.
-
-    Every GPU with memory except the last is capped at ``total / n_gpus`` plus a margin of
-    1.25 x (largest no-split block or mean size of the innermost modules); the last GPU keeps
-    its full budget; CPU and disk budgets are unchanged. With one GPU and ``max_memory=None``
-    the GPU budget is 90% of its free memory. ``low_zero`` puts as little as possible on the
-    first GPU (useful when it also runs ``generate``) and spreads the model over the others.
-
-    Unlike accelerate, a ``"disk"`` budget is accepted, and GPU ids need not be 0..n-1:
-    the GPUs with memory, in id order, are what is balanced, and with ``low_zero`` the first
-    of them plays the part of GPU 0 (accelerate raises KeyError, or sums the wrong GPUs).
-    """
-    measured = max_memory is None
-    budgets = get_max_memory(max_memory)
-    gpus = sorted(key for key, budget in budgets.items() if isinstance(key, int) and budget > 0)
-    n_devices = len(gpus) + int(torch.backends.mps.is_available() and budgets.get("mps", 0) > 0)
-    if n_devices == 0:
-        return budgets
-    if n_devices == 1:
-        low_zero = False  # nothing to spread over
-        if measured:
-            _keep_tenth_free(budgets)
-    module_sizes = compute_module_sizes(model, dtype=dtype, special_dtypes=special_dtypes)
-    total = module_sizes[""]
-    per_gpu = total // (n_devices - 1 if low_zero else n_devices)
-    per_gpu += _balancing_margin(model, module_sizes, _class_names(no_split_module_classes))
-    for index in gpus[:-1]:
-        if not (low_zero and index == gpus[0]):
-            budgets[index] = min(per_gpu, budgets[index])
-    if low_zero:
-        needed_on_first = max(0, total - sum(budgets[index] for index in gpus[1:]))
-        budgets[gpus[0]] = min(needed_on_first, budgets[gpus[0]])
-    return budgets
-
-
-def _keep_tenth_free(budgets: dict[DeviceKey, Size]) -> None:
-    """Uses 90% of the first GPU's measured free memory, leaving room for activations."""
-    first_gpu = next((key for key in budgets if isinstance(key, int)), None)
-    if first_gpu is None:
-        return
-    budgets[first_gpu] *= 0.9
-    logger.info(
-        f"We will use 90% of the memory on device {first_gpu} for storing the model, and 10% for "
-        "the buffer to avoid OOM. You can set `max_memory` in to a higher value to use more "
-        "memory (at your own risk)."
-    )
-
-
-def _class_names(classes: str | Iterable[str] | None) -> list[str]:
-    if classes is None:
-        return []
-    if isinstance(classes, str):
-        return [classes]
-    return list(classes)
-
-
-def _balancing_margin(
-    model: nn.Module, module_sizes: Mapping[str, Size], no_split: list[str]
-) -> int:
-    """1.25 x max(largest no-split block, mean size of the innermost modules), in bytes.
-
-    Without the margin each GPU would take slightly fewer layers than its share and the last
-    layers would spill to CPU.
-    """
-    largest_block = _first_no_split_block_size(model, module_sizes, no_split)
-    # The leaves of the size table are tensors; once they are removed, its leaves are the
-    # innermost modules.
-    tensor_names = set(get_module_leaves(module_sizes))
-    module_only = {name: size for name, size in module_sizes.items() if name not in tensor_names}
-    innermost = get_module_leaves(module_only)
-    mean_innermost = int(sum([module_only[name] for name in innermost]) / max(len(innermost), 1))
-    return int(1.25 * max(largest_block, mean_innermost))
-
-
-def _first_no_split_block_size(
-    model: nn.Module, module_sizes: Mapping[str, Size], no_split: list[str]
-) -> Size:
-    """The largest of the sizes of the first instance (in size-table order) of each class."""
-    if not no_split:
-        return 0
-    wanted = set(no_split)
-    modules = dict(model.named_modules(remove_duplicate=False))
-    first_sizes: dict[str, Size] = {}
-    for name, size in module_sizes.items():
-        module = modules.get(name) if name else None
-        class_name = type(module).__name__
-        if module is not None and class_name in wanted and class_name not in first_sizes:
-            first_sizes[class_name] = size
-            if len(first_sizes) == len(wanted):
-                break
-    return max(first_sizes.values(), default=0)
 
 
 def calculate_maximum_sizes(model: nn.Module) -> tuple[Size, tuple[Size, list[str]]]:
@@ -537,3 +316,12 @@ def calculate_maximum_sizes(model: nn.Module) -> tuple[Size, tuple[Size, list[st
         + list(model.named_buffers(recurse=False))
     )
     return sizes[""], get_max_layer_size(top_level, sizes, no_split)
+
+
+def class_names(classes: str | Iterable[str] | None) -> list[str]:
+    """``no_split_module_classes`` as a list: one name, several, or none."""
+    if classes is None:
+        return []
+    if isinstance(classes, str):
+        return [classes]
+    return list(classes)
