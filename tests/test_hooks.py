@@ -284,6 +284,37 @@ def test_preload_class_loads_the_whole_block_in_one_hook():
     assert torch.equal(model(x), expected)
 
 
+class ScaledBlock(nn.Module):
+    """Uses a submodule's non-persistent buffer without calling the submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.linear.register_buffer("scale", torch.full((4,), 2.0), persistent=False)
+
+    def forward(self, x):
+        return (x @ self.linear.weight.t() + self.linear.bias) * self.linear.scale
+
+
+def test_preloaded_submodules_keep_their_non_persistent_buffers_resident():
+    """Documented fix: accelerate fetches such a buffer from the weights map, which holds
+    only the state dict, and fails."""
+    model = nn.Sequential(ScaledBlock(), ScaledBlock()).eval()
+    x = torch.randn(2, 4)
+    expected = model(x)
+    attach_align_device_hook(
+        model,
+        execution_device="cpu",
+        offload=True,
+        offload_buffers=True,
+        weights_map=model.state_dict(),
+        preload_module_classes=["ScaledBlock"],
+    )
+    assert model[0]._hf_hook.offloaded_names == ["linear.weight", "linear.bias"]
+    assert model[0].linear.weight.device == META and model[0].linear.scale.device == CPU
+    assert torch.equal(model(x), expected)
+
+
 def test_offload_hook_moves_kwargs_but_not_skip_keys():
     class Echo(nn.Module):
         def __init__(self):
