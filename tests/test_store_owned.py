@@ -143,7 +143,9 @@ def test_prefetched_owned_reads_are_hits_with_the_right_bytes(tmp_path):
             stats = store.stats()
             assert stats["resident_bytes"] <= budget + stats["pinned_bytes"]
         stats = store.stats()
-        assert stats["prefetch_hits"] == len(names) - 1
+        # Every get but the first was read ahead: by a read thread, or by the get itself
+        # when it found the read still queued.
+        assert stats["prefetch_hits"] + stats["prefetch_late"] == len(names) - 1
         assert stats["buffers_reused"] > 0
 
 

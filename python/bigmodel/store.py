@@ -247,7 +247,20 @@ class TensorStore(Mapping[str, torch.Tensor]):
         ]
 
     def stats(self) -> dict[str, int]:
-        """Cache counters: hits, misses, prefetch hits, bytes read, evictions, resident bytes."""
+        """Cache counters and byte counts.
+
+        Counters: ``hits``, ``misses``, ``prefetch_requests``, ``prefetch_hits`` (gets served
+        by a prefetch), ``prefetch_late`` (gets that found their prefetch still queued and read
+        the tensor themselves, at once), ``prefetch_dropped``, ``bytes_read``, ``evictions``,
+        ``buffers_reused``, ``wait_ns``.
+        Bytes: ``resident_bytes`` is the memory the store holds now (owned buffers, plus the
+        pages of resident zero-copy views that are in memory, asked of the kernel with
+        ``mincore`` on each call, a page shared by two tensors counted once);
+        ``charged_bytes`` is what the budget counts (each tensor at its buffer's capacity or
+        the whole pages its view spans; at least ``resident_bytes``), ``peak_resident_bytes``
+        the highest ``charged_bytes`` seen, ``pinned_bytes`` the charges of tensors in use,
+        ``budget`` the ``max_resident`` in force (None: unlimited).
+        """
         return self._core.stats()
 
     def verify(self) -> list[str]:

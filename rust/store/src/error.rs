@@ -66,4 +66,33 @@ impl StoreError {
             detail: detail.into(),
         }
     }
+
+    /// A copy of this error for another receiver (the gets that waited for one failed
+    /// read each get one). An I/O error keeps its OS error code, or its kind and message.
+    pub fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::NotFound { name, store } => StoreError::NotFound {
+                name: name.clone(),
+                store: store.clone(),
+            },
+            StoreError::Corrupt {
+                file,
+                tensor,
+                detail,
+            } => StoreError::corrupt(file, tensor, detail.clone()),
+            StoreError::Incomplete { path, detail } => StoreError::Incomplete {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+            StoreError::Format { file, detail } => StoreError::format(file, detail.clone()),
+            StoreError::InvalidArgument(detail) => StoreError::InvalidArgument(detail.clone()),
+            StoreError::Io { path, source } => {
+                let copy = match source.raw_os_error() {
+                    Some(code) => io::Error::from_raw_os_error(code),
+                    None => io::Error::new(source.kind(), source.to_string()),
+                };
+                StoreError::io(path, copy)
+            }
+        }
+    }
 }

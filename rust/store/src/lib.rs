@@ -29,6 +29,7 @@ mod json;
 pub mod layout;
 mod mapping;
 pub mod mount;
+mod pages;
 pub mod pool;
 pub mod safetensors;
 pub mod stats;

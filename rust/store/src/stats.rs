@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// runtime was rebuilt in a forked child).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// `get` calls that issued no read: the bytes were resident or already being read.
+    /// `get` calls that issued no read: the bytes were resident or already being read (a
+    /// caller that waited for a read that failed gets its error).
     pub hits: u64,
     /// `get` calls that read the bytes themselves.
     pub misses: u64,
@@ -14,6 +15,10 @@ pub struct Stats {
     pub prefetch_requests: u64,
     /// `get` calls served by a prefetch (completed or still in flight): a subset of `hits`.
     pub prefetch_hits: u64,
+    /// `get` calls that found their tensor still queued for a prefetch, not yet started, and
+    /// read it themselves rather than wait behind the queue: the read-ahead asked for the
+    /// right tensor but the read threads were behind. A subset of `misses`.
+    pub prefetch_late: u64,
     /// Prefetches not performed: they did not fit in the budget without evicting pinned
     /// entries or other prefetched entries not used yet (or there are no read threads).
     pub prefetch_dropped: u64,
@@ -24,9 +29,15 @@ pub struct Stats {
     /// Reads into an owned buffer that refilled a buffer evicted from another tensor (pages
     /// already faulted in) instead of mapping a new one.
     pub buffers_reused: u64,
-    /// Bytes held by the cache now: loaded tensors and reads in flight.
+    /// Memory the cache holds now: owned buffers (of loaded tensors, reads in flight and
+    /// queued prefetches) plus the pages of resident views that are in memory (asked of the
+    /// kernel when the snapshot is taken; a page shared by two views counts once).
     pub resident_bytes: u64,
-    /// The highest `resident_bytes` seen.
+    /// What the budget counts now: each loaded tensor, read in flight and queued prefetch
+    /// at its charge (an owned buffer's capacity, the whole pages a view spans). At least
+    /// `resident_bytes`.
+    pub charged_bytes: u64,
+    /// The highest `charged_bytes` seen (so at least the peak of `resident_bytes`).
     pub peak_resident_bytes: u64,
     /// Bytes of entries pinned by live `TensorBytes` (and reads in flight for a `get`).
     pub pinned_bytes: u64,
@@ -44,6 +55,7 @@ pub(crate) struct Counters {
     pub misses: AtomicU64,
     pub prefetch_requests: AtomicU64,
     pub prefetch_hits: AtomicU64,
+    pub prefetch_late: AtomicU64,
     pub prefetch_dropped: AtomicU64,
     pub bytes_read: AtomicU64,
     pub evictions: AtomicU64,
@@ -64,6 +76,7 @@ impl Counters {
         stats.misses = read(&self.misses);
         stats.prefetch_requests = read(&self.prefetch_requests);
         stats.prefetch_hits = read(&self.prefetch_hits);
+        stats.prefetch_late = read(&self.prefetch_late);
         stats.prefetch_dropped = read(&self.prefetch_dropped);
         stats.bytes_read = read(&self.bytes_read);
         stats.evictions = read(&self.evictions);

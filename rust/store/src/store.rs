@@ -284,13 +284,11 @@ impl Drop for Store {
     }
 }
 
-/// A prefetch read reserved in the cache and waiting for a read thread.
-type PrefetchJob = (u32, Reservation);
-
 /// The per-process part of a store: the cache and its files, and the read threads.
 struct Runtime {
     core: Arc<Core>,
-    pool: ReadPool<PrefetchJob>,
+    /// Serves the slots of queued prefetches (reserved in the cache first).
+    pool: ReadPool<u32>,
 }
 
 impl Runtime {
@@ -312,30 +310,37 @@ impl Runtime {
             core.files.open(entry.file, &entry.name)?;
         }
         let job_core = Arc::clone(&core);
-        let job = Arc::new(move |(slot, reservation)| job_core.prefetch_one(slot, reservation));
+        let job = Arc::new(move |slot| job_core.prefetch_one(slot));
         let pool =
             ReadPool::start(options.read_threads, job).map_err(|e| StoreError::io(root, e))?;
         Ok(Runtime { core, pool })
     }
 
-    /// Reserves each absent tensor in the cache *before* queuing its read, so a `get` that
-    /// arrives while the read is still queued waits for it instead of reading a second time.
+    /// Reserves each absent tensor in the cache *before* queuing its read, so the tensor is
+    /// read once: a `get` that arrives while it is queued takes it over and reads it at once,
+    /// one that arrives while it is read waits for that read. Memory evicted for the
+    /// reservations is given back here, before the reads are queued.
     fn prefetch(&self, slots: &[u32]) {
         let counters = &self.core.cache.counters;
         Counters::add(&counters.prefetch_requests, slots.len() as u64);
         if !self.pool.has_threads() {
             return Counters::add(&counters.prefetch_dropped, slots.len() as u64);
         }
-        let jobs: Vec<PrefetchJob> = slots
+        let jobs: Vec<u32> = slots
             .iter()
-            .filter_map(|&slot| {
+            .copied()
+            .filter(|&slot| {
                 let entry = &self.core.index.tensors[slot as usize];
                 // A tensor too large to hold is left to the `get` that follows to report.
                 let Some(need) = self.core.need(entry) else {
                     Counters::add(&counters.prefetch_dropped, 1);
-                    return None;
+                    return false;
                 };
-                Some((slot, self.core.cache.reserve_prefetch(slot, need)?))
+                let Some(released) = self.core.cache.reserve_prefetch(slot, need) else {
+                    return false;
+                };
+                self.core.cache.settle(released);
+                true
             })
             .collect();
         if jobs.is_empty() {
@@ -406,6 +411,10 @@ impl Core {
                 self.add_wait(started);
                 bytes?
             }
+            Acquired::Failed(error) => {
+                self.add_wait(started);
+                return Err(error);
+            }
         };
         Ok(TensorBytes {
             core: Arc::clone(self),
@@ -420,23 +429,23 @@ impl Core {
         Need::for_entry(entry, self.mode.serves_view(entry))
     }
 
-    /// A read thread's job: perform a read reserved by `Runtime::prefetch`.
-    fn prefetch_one(&self, slot: u32, reservation: Reservation) {
+    /// A read thread's job: perform a read queued by `Runtime::prefetch`, unless a `get`
+    /// took it over meanwhile.
+    fn prefetch_one(&self, slot: u32) {
+        let Some(reservation) = self.cache.start_prefetch(slot) else {
+            return;
+        };
+        #[cfg(test)]
+        tests::gate::pass(&self.index.tensors[slot as usize].name);
         let loaded = self.load(slot, reservation);
-        // A failed prefetch is not reported: the `get` that follows reads again and
-        // returns the error to its caller.
+        // A failure goes to the gets waiting for this read; nobody else asked for it.
         let _ = self.cache.finish_load(slot, loaded);
     }
 
-    /// Releases reservations whose reads will never run; a `get` waiting on one reads itself.
-    fn cancel(&self, jobs: Vec<PrefetchJob>) {
-        for (slot, reservation) in jobs {
-            self.cache.settle(reservation.released);
-            let cancelled = std::io::Error::other("prefetch cancelled");
-            let path = self.files.path(self.index.tensors[slot as usize].file);
-            let _ = self
-                .cache
-                .finish_load(slot, Err(StoreError::io(path, cancelled)));
+    /// Gives back the room of queued prefetches that will never run.
+    fn cancel(&self, slots: Vec<u32>) {
+        for slot in slots {
+            self.cache.cancel_prefetch(slot);
         }
     }
 
@@ -550,6 +559,10 @@ impl Drop for TensorBytes {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;
 
 /// Counts the forks this process descends from: bumped in the child by a `pthread_atfork`
 /// handler, so noticing a fork costs one atomic load instead of a `getpid` syscall.
