@@ -1,7 +1,8 @@
 //! Background read threads: a FIFO of jobs, served by `threads` std threads that run one
 //! job function per item. A job that panics costs neither the thread nor the process.
 //! Deduplication is the caller's: the store reserves a tensor in the cache before queuing
-//! it, so a tensor already queued or in flight is never queued again.
+//! it, so a tensor already queued or in flight is never queued again, and a job whose read
+//! a `get` took over meanwhile finds nothing left to do.
 
 use std::collections::VecDeque;
 use std::io;
