@@ -66,6 +66,18 @@ def _recorded_prefetches(model: nn.Module) -> list[list[str]]:
     return calls
 
 
+def _predicted(stats: dict[str, int]) -> int:
+    """Gets of tensors the read-ahead asked for: served by its read, or read by the get
+    itself when the read threads had not started it yet (the layers here compute in
+    microseconds, faster than a read thread gets to the queue)."""
+    return stats["prefetch_hits"] + stats["prefetch_late"]
+
+
+def _unpredicted(stats: dict[str, int]) -> int:
+    """Gets that read a tensor the read-ahead had not asked for."""
+    return stats["misses"] - stats["prefetch_late"]
+
+
 def test_read_ahead_follows_the_order_the_model_really_runs(tmp_path):
     # Layers run back to front: registration order is the wrong guess. Half the model fits
     # the budget, so every forward streams, and only a learned order keeps it hitting.
@@ -79,12 +91,12 @@ def test_read_ahead_follows_the_order_the_model_really_runs(tmp_path):
             assert torch.equal(model(x), reference(x))
         assert prefetcher.successor(hooks[5]) is hooks[4]
         assert prefetcher.successor(hooks[0]) is hooks[5], "the next forward starts again"
-        misses = offload_stats(model)["misses"]
+        unpredicted = _unpredicted(offload_stats(model))
         for _ in range(3):
             assert torch.equal(model(x), reference(x))
     stats = offload_stats(model)
-    assert stats["misses"] == misses, "every weight of a learned forward was read ahead"
-    assert stats["prefetch_hits"] >= 3 * 2 * len(hooks)
+    assert _unpredicted(stats) == unpredicted, "every weight of a learned forward was read ahead"
+    assert _predicted(stats) >= 3 * 2 * len(hooks)
 
 
 def test_the_kept_set_makes_each_forward_read_exactly_the_rest(tmp_path):
@@ -188,11 +200,11 @@ def test_read_ahead_respects_the_store_budget(tmp_path):
         for _ in range(5):
             model(x)
             stats = offload_stats(model)
-            assert stats["resident_bytes"] <= budget + stats["pinned_bytes"]
+            assert stats["charged_bytes"] <= budget + stats["pinned_bytes"]
     stats = offload_stats(model)
     # At most one module is pinned at a time (its forward), so the peak is bounded by it.
     assert stats["peak_resident_bytes"] <= budget + LAYER_BYTES
-    assert stats["prefetch_hits"] > 0
+    assert _predicted(stats) > 0
 
 
 def test_a_model_that_fits_its_budget_holds_nothing_and_is_read_once(tmp_path):

@@ -205,7 +205,7 @@ def test_resident_bytes_stay_within_budget_plus_pinned(tmp_path):
             if i % 5 == 0:
                 held.append(tensor)  # stays pinned
             stats = store.stats()
-            assert stats["resident_bytes"] <= budget + stats["pinned_bytes"]
+            assert stats["charged_bytes"] <= budget + stats["pinned_bytes"]
         assert store.stats()["evictions"] > 0
 
 

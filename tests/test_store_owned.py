@@ -121,7 +121,7 @@ def test_a_budgeted_scan_stays_within_budget_and_reuses_buffers(tmp_path):
             assert torch.equal(tensor, expected), name
             served_addresses.add(tensor.data_ptr())
             stats = store.stats()
-            assert stats["resident_bytes"] <= budget + stats["pinned_bytes"]
+            assert stats["charged_bytes"] <= budget + stats["pinned_bytes"]
             del tensor
         stats = store.stats()
         assert stats["evictions"] == len(tensors) - 4  # four tensors fit the budget
@@ -141,7 +141,7 @@ def test_prefetched_owned_reads_are_hits_with_the_right_bytes(tmp_path):
             store.prefetch(names[at + 1 : at + 4])
             assert torch.equal(store[name], tensors[name]), name
             stats = store.stats()
-            assert stats["resident_bytes"] <= budget + stats["pinned_bytes"]
+            assert stats["charged_bytes"] <= budget + stats["pinned_bytes"]
         stats = store.stats()
         # Every get but the first was read ahead: by a read thread, or by the get itself
         # when it found the read still queued.

@@ -256,8 +256,8 @@ class TensorStore(Mapping[str, torch.Tensor]):
         Bytes: ``resident_bytes`` is the memory the store holds now (owned buffers, plus the
         pages of resident zero-copy views that are in memory, asked of the kernel with
         ``mincore`` on each call, a page shared by two tensors counted once);
-        ``charged_bytes`` is what the budget counts (each tensor at its buffer's capacity or
-        the whole pages its view spans; at least ``resident_bytes``), ``peak_resident_bytes``
+        ``charged_bytes`` is what the budget counts (each tensor at its buffer's capacity, a
+        view at its length; a view's pages may hold more), ``peak_resident_bytes``
         the highest ``charged_bytes`` seen, ``pinned_bytes`` the charges of tensors in use,
         ``budget`` the ``max_resident`` in force (None: unlimited).
         """

@@ -1,24 +1,10 @@
-//! Memory counted by page: the pages a view spans, and how many of them are in memory.
+//! Memory counted by page: how much of the pages that views span is in memory.
 //!
 //! A view is served straight from its file's mapping, so the memory it holds is whole
-//! pages, some of them shared with neighbouring tensors. The cache charges a view the pages
-//! it spans; [`resident_bytes`] asks the kernel (`mincore`) which of them are in memory now.
+//! pages, some of them shared with neighbouring tensors. [`resident_bytes`] asks the kernel
+//! (`mincore`) which of them are in memory now.
 
 use crate::mapping::page_size;
-
-/// Bytes of the pages spanned by the `len` bytes at `offset` of a page-aligned mapping.
-pub(crate) fn span_bytes(offset: u64, len: u64) -> u64 {
-    if len == 0 {
-        return 0;
-    }
-    let page = page_size() as u64;
-    let start = offset / page * page;
-    let end = offset
-        .saturating_add(len)
-        .div_ceil(page)
-        .saturating_mul(page);
-    end - start
-}
 
 /// Bytes of the pages touched by the address ranges `spans` (start, length) that are in
 /// memory; a page in several ranges counts once. Every range must lie inside a mapping that
@@ -72,15 +58,6 @@ fn resident_in((start, end): (usize, usize)) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn spans_round_out_to_whole_pages() {
-        let page = page_size() as u64;
-        assert_eq!(span_bytes(0, 0), 0);
-        assert_eq!(span_bytes(10, 4), page);
-        assert_eq!(span_bytes(page - 1, 2), 2 * page);
-        assert_eq!(span_bytes(page, page), page);
-    }
 
     #[test]
     fn counts_touched_pages_once() {

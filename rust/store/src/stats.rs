@@ -34,10 +34,10 @@ pub struct Stats {
     /// kernel when the snapshot is taken; a page shared by two views counts once).
     pub resident_bytes: u64,
     /// What the budget counts now: each loaded tensor, read in flight and queued prefetch
-    /// at its charge (an owned buffer's capacity, the whole pages a view spans). At least
-    /// `resident_bytes`.
+    /// at its charge (an owned buffer's capacity, a view's length). Equal to
+    /// `resident_bytes` for owned buffers; a view's pages may hold more than its length.
     pub charged_bytes: u64,
-    /// The highest `charged_bytes` seen (so at least the peak of `resident_bytes`).
+    /// The highest `charged_bytes` seen.
     pub peak_resident_bytes: u64,
     /// Bytes of entries pinned by live `TensorBytes` (and reads in flight for a `get`).
     pub pinned_bytes: u64,

@@ -12,7 +12,7 @@ const SIZE: u64 = ELEMENTS as u64 * 4;
 fn assert_within_budget(stats: &Stats) {
     let limit = stats.budget.unwrap() + stats.pinned_bytes;
     assert!(
-        stats.resident_bytes <= limit,
+        stats.charged_bytes <= limit,
         "resident over budget + pinned: {stats:?}"
     );
 }

@@ -180,7 +180,7 @@ fn concurrent_random_operations_stay_correct_and_within_budget() {
             while running.load(Ordering::Relaxed) {
                 let stats = store.stats();
                 let limit = stats.budget.unwrap() + stats.pinned_bytes;
-                assert!(stats.resident_bytes <= limit, "over budget: {stats:?}");
+                assert!(stats.charged_bytes <= limit, "over budget: {stats:?}");
                 samples += 1;
             }
             samples
@@ -203,7 +203,7 @@ fn concurrent_random_operations_stay_correct_and_within_budget() {
     });
     let stats = store.stats();
     assert_eq!(stats.pinned_bytes, 0, "every pin was released: {stats:?}");
-    assert!(stats.resident_bytes <= total / 4, "{stats:?}");
+    assert!(stats.charged_bytes <= total / 4, "{stats:?}");
     assert!(
         stats.evictions > 0 && stats.hits > 0 && stats.misses > 0,
         "{stats:?}"

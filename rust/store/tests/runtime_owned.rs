@@ -42,7 +42,7 @@ fn mappings_of(file: &Path, address: usize) -> (Vec<u64>, bool) {
 fn assert_within_budget(stats: &Stats) {
     let limit = stats.budget.unwrap() + stats.pinned_bytes;
     assert!(
-        stats.resident_bytes <= limit,
+        stats.charged_bytes <= limit,
         "over budget + pinned: {stats:?}"
     );
 }

@@ -15,7 +15,7 @@
 //! that queued it, before it queues it, not when a read thread reaches the job.
 //!
 //! Accounting: `resident` counts the charges of loaded entries, reads in flight and queued
-//! prefetches (an owned buffer's capacity; the pages a view spans); `pinned` counts entries
+//! prefetches (an owned buffer's capacity; a view's length); `pinned` counts entries
 //! pinned by a live `TensorBytes` plus reads in flight for a `get`. Every admission and
 //! unpin keeps `resident <= budget + pinned` (in fact `resident <= max(budget, pinned +
 //! prefetches queued or in flight)`): unpinned entries are evicted least recently used
@@ -23,7 +23,8 @@
 //! served). A prefetch is admitted only within the budget, and only by evicting entries
 //! that are not themselves unused prefetches; otherwise it is dropped. `Stats` reports
 //! these charges as `charged_bytes`, and as `resident_bytes` the memory really held: owned
-//! buffers, plus the pages of resident views that are in memory, each page once.
+//! buffers, plus the pages of resident views that are in memory, each page once (a view's
+//! pages may hold more than its length, or less while they are not faulted in).
 //!
 //! Recycling: a read that needs a large owned buffer and must evict first evicts the least
 //! recently used entry holding a buffer of exactly that capacity (if one is among the oldest
@@ -68,14 +69,15 @@ const RECYCLE_SEARCH: usize = 64;
 
 impl Need {
     /// `None` for a tensor too large for any process to hold. `view`: the tensor is served
-    /// as a view of its file's mapping (it needs no buffer, and holds the pages it spans).
+    /// as a view of its file's mapping (it needs no buffer; it is charged its length, the
+    /// bytes a planner sizes it by, though the memory it holds is whole pages).
     pub fn for_entry(entry: &Entry, view: bool) -> Option<Need> {
         if entry.raw_length > MAX_TENSOR_BYTES {
             return None;
         }
         if view {
             return Some(Need {
-                charge: pages::span_bytes(entry.offset, entry.length),
+                charge: entry.length,
                 buffer_capacity: None,
             });
         }
