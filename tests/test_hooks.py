@@ -479,13 +479,16 @@ def test_prefetcher_runs_before_weights_are_fetched():
     attach_align_device_hook(
         model, "cpu", offload=True, weights_map=weights_map, preload_module_classes=["Block"]
     )
-    calls = []
+    calls, released = [], []
 
     class Recording:
         def on_pre_forward(self, module, hook):
             assert hook.source_map is weights_map
             devices = {p.device for p in module.parameters()}
             calls.append((hook.source_keys(), devices))
+
+        def on_post_forward(self, module, hook):
+            released.append({p.device for p in module.parameters()})
 
     names = []
     for name, _, hook in iter_offload_hooks(model):
@@ -497,6 +500,7 @@ def test_prefetcher_runs_before_weights_are_fetched():
     assert calls[1][0] == ["blocks.0.linear.weight", "blocks.0.linear.bias"]
     assert [devices for _, devices in calls] == [{META}] * 5
     assert [len(keys) for keys, _ in calls] == [2] * 5
+    assert released == [{META}] * 5, "post-forward runs once the weights are put back"
 
 
 def test_source_keys_join_nested_prefixes():

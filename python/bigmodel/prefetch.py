@@ -120,6 +120,26 @@ class ForwardOrderPrefetcher:
             if key not in self._kept:
                 self._since_refill += step.nbytes
 
+    def on_post_forward(self, module: nn.Module, hook: AlignDevicesHook) -> None:
+        """The module's weights were just released: the room they held may let the next
+        module's reads go ahead that the budget dropped while they were pinned (a layer
+        next to the largest module, or a window only one module wide)."""
+        with self._lock:
+            if self._last != id(hook):
+                return  # an enclosing module ends: its successor was requested already
+            for store, keys in self._next_reads(id(hook)):
+                store.prefetch(keys)
+
+    def _next_reads(self, key: int) -> _Reads:
+        """The reads of the first module after ``key`` in the chain that is not kept."""
+        position, seen = self._next.get(key), {key}
+        while position is not None and position not in seen:
+            if position not in self._kept and self._steps[position].reads:
+                return self._steps[position].reads
+            seen.add(position)
+            position = self._next.get(position)
+        return []
+
     def __deepcopy__(self, memo: dict) -> ForwardOrderPrefetcher:
         """The prefetcher of a deep-copied model: the copied hooks, the same stores, the
         learned chain and use counts; the copy holds nothing until its kept modules run."""

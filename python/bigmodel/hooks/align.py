@@ -37,10 +37,13 @@ from bigmodel.transfer import host_to_device
 class Prefetcher(Protocol):
     """The seam for read-ahead. Set ``hook.prefetcher`` on offloading `AlignDevicesHook`s
     (see `iter_offload_hooks`); ``on_pre_forward`` then runs at the start of each of their
-    forwards, before any weight is fetched. ``hook.source_map`` and ``hook.source_keys()``
-    say where the hook's weights come from, e.g. to call ``source_map.prefetch(keys)``."""
+    forwards, before any weight is fetched, and ``on_post_forward`` (optional) at their end,
+    once the weights are released. ``hook.source_map`` and ``hook.source_keys()`` say where the
+    hook's weights come from, e.g. to call ``source_map.prefetch(keys)``."""
 
     def on_pre_forward(self, module: nn.Module, hook: AlignDevicesHook) -> None: ...
+
+    def on_post_forward(self, module: nn.Module, hook: AlignDevicesHook) -> None: ...
 
 
 class AlignDevicesHook(ModelHook):
@@ -199,6 +202,9 @@ class AlignDevicesHook(ModelHook):
     def post_forward(self, module, output):
         if self.offload:
             self._swap.put_back(self, module)
+            released = getattr(self.prefetcher, "on_post_forward", None)
+            if released is not None:
+                released(module, self)
         if self.io_same_device and self.input_device is not None:
             output = send_to_device(output, self.input_device, skip_keys=self.skip_keys)
         return output
