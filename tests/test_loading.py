@@ -11,6 +11,7 @@ import gc
 import json
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import accelerate
@@ -19,7 +20,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from bigmodel import init_empty_weights, load_checkpoint_and_dispatch, load_checkpoint_in_model
+from bigmodel import (
+    dispatch,
+    init_empty_weights,
+    load_checkpoint_and_dispatch,
+    load_checkpoint_in_model,
+)
 from bigmodel.loading import (
     CheckpointMismatchError,
     checkpoint_files,
@@ -27,6 +33,9 @@ from bigmodel.loading import (
     get_state_dict_offloaded_model,
     load_state_dict,
 )
+from bigmodel.loading import plan as loading_plan
+from bigmodel.offload import stores
+from bigmodel.planning.module_sizes import ModelScan
 from bigmodel.store import TensorStore
 
 INDEX_FILE = "bigmodel.index.json"
@@ -625,6 +634,34 @@ def test_dispatch_none_returns_loaded_model_without_hooks(safetensors_file, refe
     model = load_checkpoint_and_dispatch(_empty_model(), safetensors_file)
     assert not hasattr(model, "hf_device_map")
     assert torch.equal(model(inputs), reference(inputs))
+
+
+def test_auto_dispatch_walks_the_model_once_and_checks_once(
+    tmp_path, safetensors_file, reference, inputs, monkeypatch
+):
+    """One plan: the budgets, the map and the ties come from one walk of the model; the map
+    is checked once; the store loading committed is not checked again by the dispatch."""
+    calls = Counter()
+
+    def counted(name, function):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return call
+
+    scan_init = ModelScan.__init__
+    monkeypatch.setattr(ModelScan, "__init__", counted("walks", scan_init))
+    for module in (loading_plan, dispatch):
+        check = counted("map checks", module.check_device_map)
+        monkeypatch.setattr(module, "check_device_map", check)
+    monkeypatch.setattr(stores, "check_sources", counted("store checks", stores.check_sources))
+    model = _dispatch(
+        safetensors_file, tmp_path / "offload", device_map="auto", max_memory={"cpu": 5000}
+    )
+    assert "disk" in model.hf_device_map.values()
+    assert torch.equal(model(inputs), reference(inputs))
+    assert calls == {"walks": 1, "map checks": 1}
 
 
 def test_offload_folder_is_created_and_reused(tmp_path, safetensors_file, reference, inputs):

@@ -36,12 +36,11 @@ class StoreFormatError(StoreError):
 
 
 def name_list(names: Iterable[str], shown: int = NAMES_SHOWN) -> str:
-    """The first ``shown`` names, quoted, and how many were left out: for messages about
+    """The first ``shown`` names (as a list) and how many were left out: for messages about
     lists that may hold thousands of names."""
     names = list(names)
-    listed = ", ".join(f"'{name}'" for name in names[:shown])
     hidden = len(names) - shown
-    return listed if hidden <= 0 else f"{listed} and {hidden} more"
+    return f"{names[:shown]}" if hidden <= 0 else f"{names[:shown]} and {hidden} more"
 
 
 __all__ = [

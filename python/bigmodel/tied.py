@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from bigmodel.planning.checks import covering_key
 from bigmodel.planning.module_sizes import ModelScan
 from bigmodel.tensors import get_tensor, set_tensor
 
@@ -81,7 +82,7 @@ def check_tied_parameters_on_same_device(
         ValueError: the device map gives no device for one of the names.
     """
     for group in tied_params:
-        devices = {name: _mapped_device(name, device_map) for name in group}
+        devices = {name: _required_device(name, device_map) for name in group}
         if len(set(devices.values())) > 1:
             logger.warning(
                 f"Tied parameters are on different devices: {devices}. "
@@ -89,14 +90,11 @@ def check_tied_parameters_on_same_device(
             )
 
 
-def _mapped_device(name: str, device_map: Mapping[str, object]) -> object:
-    """The device of the longest key of ``device_map`` that is ``name`` or one of its parents."""
-    candidate = name
-    while candidate not in device_map:
-        if candidate == "":
-            raise ValueError(f"The `device_map` does not contain the module {name}.")
-        candidate = candidate.rpartition(".")[0]
-    return device_map[candidate]
+def _required_device(name: str, device_map: Mapping[str, object]) -> object:
+    key = covering_key(name, device_map)
+    if key is None:
+        raise ValueError(f"The `device_map` does not contain the module {name}.")
+    return device_map[key]
 
 
 def check_tied_parameters_in_config(model: nn.Module) -> bool:

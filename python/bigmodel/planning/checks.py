@@ -35,7 +35,7 @@ def check_device_map(model: nn.Module, device_map: Mapping[str, DeviceMapValue])
         )
     if "" in device_map:
         return
-    uncovered = [name for name in model.state_dict() if not _covered(name, device_map)]
+    uncovered = [name for name in model.state_dict() if covering_key(name, device_map) is None]
     if uncovered:
         raise ValueError(
             "The device_map provided does not give any device for the following parameters: "
@@ -43,16 +43,21 @@ def check_device_map(model: nn.Module, device_map: Mapping[str, DeviceMapValue])
         )
 
 
-def _covered(name: str, device_map: Mapping[str, object]) -> bool:
-    """True if ``name`` or one of its dotted parents is a key of ``device_map``."""
-    if name in device_map:
-        return True
-    cut = name.find(".")
-    while cut != -1:
-        if name[:cut] in device_map:
-            return True
-        cut = name.find(".", cut + 1)
-    return False
+def covering_key(name: str, device_map: Mapping[str, object]) -> str | None:
+    """The longest key of ``device_map`` that is ``name`` or one of its dotted parents (the
+    key ``""`` covers every name), whose device ``name`` goes to; None when no key does."""
+    key = name
+    while key not in device_map:
+        if not key:
+            return None
+        key = key.rpartition(".")[0]
+    return key
+
+
+def device_of(name: str, device_map: Mapping[str, object]) -> object | None:
+    """The device ``device_map`` gives ``name`` (see `covering_key`); None when none does."""
+    key = covering_key(name, device_map)
+    return None if key is None else device_map[key]
 
 
 class _KeyNode:

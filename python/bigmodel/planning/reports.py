@@ -1,5 +1,6 @@
 """What the planner tells its user besides the map: buffers of offloaded modules that may not
-fit next to the weights, and devices that got nothing."""
+fit next to the weights, devices that got nothing, and what a map sends to disk when there is
+no folder to offload to."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from bigmodel.planning.module_sizes import DeviceKey, Size, compute_module_total_buffer_size
+from torch import nn
+
+from bigmodel.planning.module_sizes import (
+    DeviceKey,
+    Size,
+    compute_module_sizes,
+    compute_module_total_buffer_size,
+)
+from bigmodel.sizes import format_size
 
 if TYPE_CHECKING:
     from bigmodel.planning.planner import _Planner
@@ -64,3 +73,32 @@ def report_unused_devices(minimum_needed: Mapping[DeviceKey, Size]) -> None:
         "increasing the available memory for these devices to at least the specified "
         "minimum, or adjusting the model config."
     )
+
+
+def missing_offload_folder_error(
+    model: nn.Module, device_map: Mapping[str, object], dtype, budgets: Mapping | None
+) -> ValueError:
+    """Says which modules go to disk, their sizes, and what each device had left."""
+    sizes = compute_module_sizes(model, dtype=dtype)
+    disk_keys = [key for key, device in device_map.items() if device == "disk"]
+    placed: dict[object, int] = {}
+    for key, device in device_map.items():
+        if device != "disk":
+            placed[device] = placed.get(device, 0) + sizes.get(key, 0)
+    lines = [
+        "At least one of the model submodule will be offloaded to disk, please pass along an "
+        f'`offload_folder`. {len(disk_keys)} entries of the device_map go to "disk" '
+        f"({format_size(sum(sizes.get(key, 0) for key in disk_keys))}):",
+        *(f"  {key}: {format_size(sizes.get(key, 0))}" for key in disk_keys),
+        "What each device holds:",
+    ]
+    for device in dict.fromkeys([*(budgets or {}), *placed]):
+        if device == "disk":
+            continue
+        line = f"  {device!r}: {format_size(placed.get(device, 0))} placed"
+        if budgets and device in budgets:
+            left = budgets[device] - placed.get(device, 0)
+            line += f" of a {format_size(budgets[device])} budget ({format_size(left)} left)"
+        lines.append(line)
+    lines.append("Pass `offload_folder=<a directory>` or raise `max_memory`.")
+    return ValueError("\n".join(lines))
