@@ -1,10 +1,13 @@
-"""infer_auto_device_map on a 40k-module model: bigmodel vs accelerate.
+"""infer_auto_device_map on two 40k-module models: bigmodel vs accelerate.
 
 The model is a GPT-2 skeleton built on the meta device (no memory): token embedding tied
 to the output head, position embedding, N blocks of fused attention + MLP (10 modules each;
 4000 blocks by default, 40k modules), a final norm. The budget spreads it over three GPUs,
 the CPU and the disk, so the planner has to split the block list, move between devices and
 keep the tied pair together.
+
+The second model is shaped like a mixture of experts: 200 blocks of 64 small experts
+(39,204 modules), planned with ``{"cpu": "20MB"}``, so nearly everything goes to disk.
 
 Both libraries plan the same model with the same budget, alternating, and the maps must be
 identical (same keys, devices and order). Prints the median times and the speed-up.
@@ -72,6 +75,37 @@ class GPT(nn.Module):
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
 
 
+class Expert(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, 2 * dim, bias=False)
+        self.w2 = nn.Linear(2 * dim, dim, bias=False)
+
+
+class MoEBlock(nn.Module):
+    """A mixture-of-experts block: a norm, a router and ``experts`` small MLPs."""
+
+    def __init__(self, dim: int, experts: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.gate = nn.Linear(dim, experts, bias=False)
+        self.experts = nn.ModuleList(Expert(dim) for _ in range(experts))
+
+
+class MoE(nn.Module):
+    def __init__(self, n_blocks: int, experts: int, dim: int, vocab: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(MoEBlock(dim, experts) for _ in range(n_blocks))
+        self.head = nn.Linear(dim, vocab)
+
+
+def build_moe() -> nn.Module:
+    """200 blocks x 64 experts: 39,204 modules."""
+    with torch.device("meta"):
+        return MoE(200, experts=64, dim=64, vocab=1000)
+
+
 def build_model(n_blocks: int) -> nn.Module:
     with torch.device("meta"):
         return GPT(n_blocks, dim=256, vocab=32000)
@@ -99,9 +133,18 @@ def main() -> None:
     logging.getLogger("bigmodel").setLevel(logging.ERROR)
     warnings.simplefilter("ignore", UserWarning)
 
-    model = build_model(args.blocks)
+    print(f"machine: {machine_description()}")
+    shapes = {
+        "GPT-2-shaped": (build_model(args.blocks), None),
+        "mixture-of-experts-shaped": (build_moe(), {"cpu": "20MB"}),
+    }
+    for shape, (model, max_memory) in shapes.items():
+        compare(shape, model, max_memory or budget_for(model), args.repeats)
+
+
+def compare(shape: str, model: nn.Module, max_memory: dict, repeats: int) -> None:
+    """Plans ``model`` with both libraries, alternating; prints times and the speed-up."""
     n_modules = sum(1 for _ in model.named_modules())
-    max_memory = budget_for(model)
     plans = {
         "bigmodel": lambda: infer_auto_device_map(model, max_memory=dict(max_memory)),
         "accelerate": lambda: accelerate_modeling.infer_auto_device_map(
@@ -110,14 +153,12 @@ def main() -> None:
     }
     ours, theirs = plans["bigmodel"](), plans["accelerate"]()
     if list(ours.items()) != list(theirs.items()):
-        raise SystemExit("the device maps differ: the comparison would be meaningless")
-
-    wall = median_of_alternating(plans, repeats=args.repeats)
-    cpu = median_cpu_times(plans, repeats=args.repeats)
-    print(f"machine: {machine_description()}")
+        raise SystemExit(f"{shape}: the device maps differ: the comparison would be meaningless")
+    wall = median_of_alternating(plans, repeats=repeats)
+    cpu = median_cpu_times(plans, repeats=repeats)
     devices = sorted(map(str, set(ours.values())))
-    print(f"model: {n_modules} modules, {len(ours)} device-map entries, devices {devices}")
-    print(f"median of {args.repeats} alternating runs:   wall s    CPU s")
+    print(f"\n{shape} model: {n_modules} modules, {len(ours)} map entries, devices {devices}")
+    print(f"median of {repeats} alternating runs:   wall s    CPU s")
     for name in ("accelerate", "bigmodel"):
         print(f"{name:>10} infer_auto_device_map: {wall[name]:7.3f}  {cpu[name]:7.3f}")
     print(
