@@ -46,6 +46,7 @@ class _Step:
     """One offloaded module as the prefetcher sees it."""
 
     hook: AlignDevicesHook
+    module: nn.Module
     nbytes: int  # bytes of the weights its forward fetches from stores
     reads: _Reads  # the store reads that fetch them, resolved once
     runs: int = 0
@@ -123,12 +124,25 @@ class ForwardOrderPrefetcher:
     def on_post_forward(self, module: nn.Module, hook: AlignDevicesHook) -> None:
         """The module's weights were just released: the room they held may let the next
         module's reads go ahead that the budget dropped while they were pinned (a layer
-        next to the largest module, or a window only one module wide)."""
+        next to the largest module, or a window only one module wide), and the next
+        modules' copies to a GPU start (its compute is queued: they overlap it)."""
         with self._lock:
             if self._last != id(hook):
                 return  # an enclosing module ends: its successor was requested already
             for store, keys in self._next_reads(id(hook)):
                 store.prefetch(keys)
+            self._copy_ahead(id(hook))
+
+    def _copy_ahead(self, key: int) -> None:
+        """Starts the device copies of the modules after ``key`` in the chain, until the
+        device holds as many modules' weights as it may (`CopyWindow`)."""
+        position, seen = self._next.get(key), {key}
+        while position is not None and position not in seen:
+            step = self._steps[position]
+            if not step.hook.copy_ahead(step.module):
+                return
+            seen.add(position)
+            position = self._next.get(position)
 
     def _next_reads(self, key: int) -> _Reads:
         """The reads of the first module after ``key`` in the chain that is not kept."""
@@ -149,7 +163,8 @@ class ForwardOrderPrefetcher:
             hook = copy.deepcopy(step.hook, memo)
             new_id[key] = id(hook)
             reads = [(copy.deepcopy(store, memo), list(keys)) for store, keys in step.reads]
-            copied._steps[id(hook)] = _Step(hook, step.nbytes, reads, step.runs)
+            module = copy.deepcopy(step.module, memo)
+            copied._steps[id(hook)] = _Step(hook, module, step.nbytes, reads, step.runs)
         copied._next = {new_id[a]: new_id[b] for a, b in self._next.items()}
         copied._kept = {new_id[key] for key in self._kept}
         copied._most_runs = self._most_runs
@@ -164,7 +179,7 @@ class ForwardOrderPrefetcher:
 
     def _add(self, module: nn.Module, hook: AlignDevicesHook) -> _Step:
         reads = _resolve(hook.source_map, hook.source_keys())
-        step = _Step(hook, _read_bytes(reads, module, hook), reads)
+        step = _Step(hook, module, _read_bytes(reads, module, hook), reads)
         self._steps[id(hook)] = step
         return step
 
@@ -252,7 +267,8 @@ def attach_prefetcher(
     model: nn.Module, lookahead_bytes: int | None = None, keep_bytes: int | None = None
 ) -> ForwardOrderPrefetcher | None:
     """Installs one `ForwardOrderPrefetcher` on every offloading hook of ``model`` whose
-    weights come from a store that can read ahead. Returns it (None when there is none).
+    weights come from a store that can read ahead, or are copied to a CUDA device (the
+    prefetcher starts those copies ahead). Returns it (None when there is none).
 
     By default the smallest store budget is split as follows (L: the largest module's
     weights, S: all offloaded weights): when S does not fit, the window gets two modules
@@ -264,7 +280,7 @@ def attach_prefetcher(
     guess = [
         (module, hook)
         for _, module, hook in iter_offload_hooks(model)
-        if callable(getattr(hook.source_map, "prefetch", None))
+        if callable(getattr(hook.source_map, "prefetch", None)) or hook.copies_to_device
     ]
     if not guess:
         return None

@@ -10,7 +10,8 @@ KeyboardInterrupt) drops the weights it loaded; a tensor that is already residen
 execution device (a tie with a resident module) is used in place and stays tied; an
 onloaded parameter that requires grad refuses to be trained; no ``empty_cache`` per tensor.
 On a CUDA execution device the weights go through `bigmodel.transfer` (pinned staging
-buffers, a side stream), so copies overlap the compute the host has already queued.
+buffers, a side stream, a bounded window of modules' copies that the read-ahead fills), so
+copies overlap the compute the host has already queued.
 """
 
 from __future__ import annotations
@@ -123,6 +124,18 @@ class AlignDevicesHook(ModelHook):
         prefix = unwrap_prefixes(self.weights_map)[1]
         return [prefix + name for name in self.offloaded_names]
 
+    @property
+    def copies_to_device(self) -> bool:
+        """Whether forwards copy the offloaded weights to a CUDA device (`copy_ahead`)."""
+        return self._swap.host_to_device is not None
+
+    def copy_ahead(self, module: nn.Module) -> bool:
+        """Starts copying ``module``'s offloaded weights to a CUDA execution device before
+        its forward (the read-ahead calls this for the modules about to run). False when
+        there is nothing to copy ahead, or the device already holds as many modules'
+        weights as it may."""
+        return self._swap.copy_ahead(self, module)
+
     # -- events -----------------------------------------------------------------------
 
     def init_hook(self, module):
@@ -139,7 +152,7 @@ class AlignDevicesHook(ModelHook):
         from bigmodel.wrapped import watch_offloaded_modules  # imports this module
 
         watch_offloaded_modules()  # adapters added around offloaded modules must not run
-        self._swap.host_to_device = host_to_device(self.execution_device)
+        self._swap.host_to_device = host_to_device(self.execution_device, user=self)
         self.original_devices = {
             name: tensor.device
             for name, tensor in named_module_tensors(module, recurse=self.place_submodules)

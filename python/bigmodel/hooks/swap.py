@@ -6,8 +6,9 @@ the hook's offloaded names once (its *fetch plan*): each to the module that owns
 the tensor's attribute name, and a reader that goes straight to the store when the weights
 map offers one (``reader``), so later forwards do no name lookups. Each forward then:
 
-1. reads every weight (from the store's cache when read-ahead kept up) and, for a CUDA
-   execution device, queues its copy through pinned buffers (`bigmodel.transfer`);
+1. reads every weight (from the store's cache when read-ahead kept up); for a CUDA execution
+   device, takes the copies the read-ahead queued through the device's `CopyWindow`, or
+   queues them now (`bigmodel.transfer`);
 2. installs it: in place for a plain parameter (`_swap_in_place`), else through
    `set_module_tensor_to_device` (ties, dtype casts, bitsandbytes statistics);
 3. records what it replaced (`Onload`), so that the post-forward, or an abort, puts every
@@ -35,7 +36,7 @@ from bigmodel.tensors import (
     owner_and_leaf,
     set_module_tensor_to_device,
 )
-from bigmodel.transfer import HostToDevice
+from bigmodel.transfer import Copied, HostToDevice, Reads
 
 if TYPE_CHECKING:
     from bigmodel.hooks.align import AlignDevicesHook
@@ -60,6 +61,8 @@ class Onload:
     replaced: dict[str, tuple[Fetch, torch.Tensor]] = field(default_factory=dict)
     # (data pointer, device) entries this forward added to the tied-parameters map
     tied_pointers: set = field(default_factory=set)
+    # whether it holds a place in the device's `CopyWindow` (released by the put-back)
+    in_window: bool = False
 
 
 class WeightSwap:
@@ -86,9 +89,25 @@ class WeightSwap:
     def load(self, hook: AlignDevicesHook, module: nn.Module) -> None:
         """Puts every offloaded weight of ``module`` on the hook's execution device. On an
         error the caller must `put_back` (what was loaded so far is recorded)."""
-        self.onloads.append(Onload())
-        for fetch in self._fetches(hook, module):
-            self._onload(hook, module, fetch)
+        onload = Onload()
+        self.onloads.append(onload)
+        fetches = self._fetches(hook, module)
+        copies: dict[str, Copied] = {}
+        if self.host_to_device is not None:
+            onload.in_window = True
+            copies = self.host_to_device.window.take(hook, _pending(hook, fetches))
+        for fetch in fetches:
+            self._onload(hook, module, fetch, copies.get(fetch.name))
+
+    def copy_ahead(self, hook: AlignDevicesHook, module: nn.Module) -> bool:
+        """Queues the copies of ``module``'s weights to a CUDA execution device ahead of its
+        forward (see `CopyWindow.stage`). False when there is no CUDA device to copy to or
+        its window is full."""
+        if self.host_to_device is None:
+            return False
+        if self.onloads:
+            return True  # running now: its weights are in place
+        return self.host_to_device.window.stage(hook, _pending(hook, self._fetches(hook, module)))
 
     def put_back(self, hook: AlignDevicesHook, module: nn.Module) -> None:
         """Puts back what the innermost `load` replaced; the fetched values (and the store
@@ -98,6 +117,9 @@ class WeightSwap:
         if not self.onloads:
             return
         onload = self.onloads[-1]
+        if onload.in_window:
+            onload.in_window = False
+            self.host_to_device.window.release(hook)
         try:
             _restore(module, onload, hook.tied_params_map)
         except BaseException:
@@ -115,8 +137,11 @@ class WeightSwap:
             self._planned_for = hook.weights_map
         return self._plan
 
-    def _onload(self, hook: AlignDevicesHook, module: nn.Module, fetch: Fetch) -> None:
-        """Fetches one weight from the weights map onto the execution device."""
+    def _onload(
+        self, hook: AlignDevicesHook, module: nn.Module, fetch: Fetch, copied: Copied | None
+    ) -> None:
+        """Puts one weight on the execution device: ``copied`` there already (a CUDA
+        device), else read from the weights map and installed (which moves it)."""
         name, owner, leaf = fetch.name, fetch.owner, fetch.leaf
         device = hook.execution_device
         current = getattr(owner, leaf)
@@ -126,27 +151,24 @@ class WeightSwap:
             return
         onload = self.onloads[-1]
         onload.replaced[name] = (fetch, current)
-        value = fetch.read()
-        if self.host_to_device is not None and not _is_tied(hook, name, value):
-            # Queued on a side stream through pinned buffers; this stream waits on the GPU.
-            value = self.host_to_device.copy(value)
-        if _swap_in_place(hook, owner, leaf, name, current, value):
+        if copied is None:
+            value = fetch.read()
+            pointer = value.data_ptr()
+        else:
+            value, pointer = copied.tensor, copied.source_pointer
+        tied = _tied_copies(hook, name, pointer)
+        if tied is None and _swap_in_place(hook, owner, leaf, current, value):
             _refuse_training(hook, module, name)
             return
-        pointer = value.data_ptr()
-        tied_map = hook.tied_params_map
-        reused = False
-        if tied_map is not None:
-            if name in hook.tied_params_names and pointer not in tied_map:
-                tied_map[pointer] = {}
-            copies = tied_map.get(pointer)
-            if copies is not None:
-                reused = device in copies
-                if not reused:
-                    onload.tied_pointers.add((pointer, device))
-        install(module, name, device, value, hook.weights_map, tied_map)
-        if not reused:  # a reused copy belongs to whoever created it
-            _refuse_training(hook, module, name)
+        if tied is not None and device in tied:
+            # Another forward in progress made this tied weight's copy: share it.
+            owner._parameters[leaf] = tied[device]
+            return
+        install(module, name, device, value, hook.weights_map)
+        if tied is not None:
+            tied[device] = get_tensor(module, name)
+            onload.tied_pointers.add((pointer, device))
+        _refuse_training(hook, module, name)
 
 
 def fetch_plan(module: nn.Module, names: list[str], weights_map: Mapping) -> list[Fetch]:
@@ -201,24 +223,34 @@ def _fp16_statistics(weights_map: Mapping, name: str, value: torch.Tensor | None
     return None
 
 
-def _is_tied(hook: AlignDevicesHook, name: str, value: torch.Tensor) -> bool:
-    """Whether the tied-parameters map tracks ``name`` (it is keyed by host pointers)."""
-    if name in hook.tied_params_names:
-        return True
-    return bool(hook.tied_params_map) and value.data_ptr() in hook.tied_params_map
+def _tied_copies(hook: AlignDevicesHook, name: str, pointer: int) -> dict | None:
+    """The device copies of the tied weight ``name`` read from host ``pointer`` (the
+    tied-parameters map is keyed by host pointers), or None when it is not tied. Weights
+    tied by name get their entry on the fly: values read from disk change pointer."""
+    tied_map = hook.tied_params_map
+    if tied_map is None:
+        return None
+    if name in hook.tied_params_names and pointer not in tied_map:
+        tied_map[pointer] = {}
+    return tied_map.get(pointer)
 
 
-def _swap_in_place(hook: AlignDevicesHook, owner, leaf: str, name: str, current, value) -> bool:
+def _pending(hook: AlignDevicesHook, fetches: list[Fetch]) -> Reads:
+    """(name, reader) of the fetched weights not already on the execution device."""
+    device = hook.execution_device
+    return [(f.name, f.read) for f in fetches if not is_on(getattr(f.owner, f.leaf), device)]
+
+
+def _swap_in_place(hook: AlignDevicesHook, owner, leaf: str, current, value) -> bool:
     """Installs ``value`` as ``owner.<leaf>`` in the common case, without the general
     machinery of `set_module_tensor_to_device` (this runs for every weight of every
-    forward): a plain parameter whose fetched value already has its device, dtype and
-    shape, and is not tied. Returns False, changing nothing, in any other case."""
+    forward): a plain parameter (not tied) whose fetched value already has its device,
+    dtype and shape. Returns False, changing nothing, in any other case."""
     if (
         type(current) is not nn.Parameter
         or value.dtype != current.dtype
         or value.shape != current.shape
         or not is_on(value, hook.execution_device)
-        or _is_tied(hook, name, value)
     ):
         return False
     parameter = nn.Parameter(value, requires_grad=current.requires_grad)
