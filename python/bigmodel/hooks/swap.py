@@ -83,7 +83,7 @@ class WeightSwap:
         copied = WeightSwap()
         memo[id(self)] = copied
         copied.onloads = copy.deepcopy(self.onloads, memo)
-        copied.host_to_device = copy.deepcopy(self.host_to_device, memo)
+        copied.host_to_device = self.host_to_device  # one per device, shared
         return copied
 
     def load(self, hook: AlignDevicesHook, module: nn.Module) -> None:
