@@ -64,21 +64,21 @@ class CompletionEvent(Protocol):
 class StagingPool:
     """A bounded pool of byte buffers, each reused only once the work reading it completed.
 
-        Buffer sizes are powers of two between ``min_buffer_bytes`` and ``max_buffer_bytes``
-        (the caching host allocator rounds pinned allocations to powers of two anyway). The
-        buffers held never total more than ``max_bytes``: when no free buffer is big enough and
-        a new one would not fit, the pool waits for the oldest buffer in flight (and, if nothing
-        is in flight, drops free buffers of other sizes to make room, or waits for another thread
-    to release one when other threads hold them all). A dropped pinned buffer
-        goes back to torch's caching host allocator, which keeps it for the next allocation of
-        that size; with the repeating shapes of a model's layers, drops are rare.
+    Buffer sizes are powers of two between ``min_buffer_bytes`` and ``max_buffer_bytes``
+    (the caching host allocator rounds pinned allocations to powers of two anyway). The
+    buffers held never total more than ``max_bytes``: when no free buffer is big enough and
+    a new one would not fit, the pool waits for the oldest buffer in flight (and, if nothing
+    is in flight, drops free buffers of other sizes to make room, or waits for another
+    thread to release one when other threads hold them all). A dropped pinned buffer goes
+    back to torch's caching host allocator, which keeps it for the next allocation of that
+    size; with the repeating shapes of a model's layers, drops are rare.
 
-        Args:
-            allocate: returns a new 1-D ``torch.uint8`` tensor of the given number of bytes.
-            max_bytes: the bound on the bytes of all buffers held, free or in flight.
-            max_buffer_bytes: the largest buffer (clamped to ``max_bytes``); `acquire` refuses
-                more.
-            min_buffer_bytes: the smallest buffer.
+    Args:
+        allocate: returns a new 1-D ``torch.uint8`` tensor of the given number of bytes.
+        max_bytes: the bound on the bytes of all buffers held, free or in flight.
+        max_buffer_bytes: the largest buffer (clamped to ``max_bytes``); `acquire` refuses
+            more.
+        min_buffer_bytes: the smallest buffer.
     """
 
     def __init__(
