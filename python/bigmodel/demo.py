@@ -112,7 +112,7 @@ def checkpoint_size(config: dict) -> int:
     return 4 * (parameters + hidden)
 
 
-def _ensure_built(folder: Path, new_tokens: int, config: dict) -> dict:
+def _ensure_built(folder: Path, new_tokens: int, config: dict = DEMO_CONFIG) -> dict:
     reference_file = folder / REFERENCE_FILE
     if reference_file.exists():
         reference = json.loads(reference_file.read_text())
