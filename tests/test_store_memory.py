@@ -105,6 +105,7 @@ def test_reading_a_store_twice_keeps_rss_and_page_cache_within_the_budget(big_st
     assert left_in_page_cache <= limit, f"{left_in_page_cache / MB:.0f} MB in the page cache"
     # Read twice from the files, not served from memory the budget does not count.
     assert stats["bytes_read"] >= 2 * sum(os.path.getsize(f) for f in files) - 2 * budget
+    assert stats["bytes_from_page_cache"] == 0, "the files were not in the page cache"
     assert stats["peak_resident_bytes"] <= budget + stats["pinned_bytes"] + 8 * MB
 
 
@@ -132,6 +133,77 @@ def test_zero_copy_auto_picks_views_without_a_budget_and_direct_reads_with_one(
         assert cached >= tensor_bytes
     else:
         assert cached == 0
+
+
+def _read_by_another_process(files: list[str]) -> None:
+    """Fills the page cache with ``files`` as a user's copy or an earlier process would."""
+    for file in files:
+        with open(file, "rb", buffering=0) as f:
+            while f.read(1 << 20):
+                pass
+
+
+def _tensors_equal(store: TensorStore, tensors: Mapping[str, torch.Tensor]) -> None:
+    for name, expected in tensors.items():
+        served = store[name]
+        assert torch.equal(served.view(torch.uint8), expected.view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_a_store_already_in_the_page_cache_is_copied_from_it_and_left_as_it_was(tmp_path, codec):
+    model = _Model(layers=4)
+    tensors = {name: model[name] for name in model}
+    write_store(tmp_path / "s", tensors, codec=codec, progress=False)
+    with TensorStore.open(tmp_path / "s", max_resident=8 * MB) as store:
+        files = _store_files(store)
+        evict_from_page_cache(files)
+        _read_by_another_process(files)
+        cached = page_cache_bytes(files)
+        assert cached == sum(os.path.getsize(f) for f in files)
+        for _ in range(2):
+            _tensors_equal(store, tensors)
+        stats = store.stats()
+        # Nothing added (the files are whole in the cache) and nothing dropped: the pages
+        # were not ours to drop.
+        assert page_cache_bytes(files) == cached
+        # Evicted, the same store reads from the disk and leaves nothing behind.
+        evict_from_page_cache(files)
+        _tensors_equal(store, tensors)
+        after_eviction = store.stats()
+        assert page_cache_bytes(files) == 0
+    assert stats["bytes_read"] > sum(os.path.getsize(f) for f in files)  # read twice
+    assert stats["bytes_from_page_cache"] == stats["bytes_read"]
+    assert after_eviction["bytes_read"] > stats["bytes_read"]
+    assert after_eviction["bytes_from_page_cache"] == stats["bytes_from_page_cache"]
+
+
+def test_a_tensor_partly_in_the_page_cache_is_read_from_the_disk(tmp_path):
+    model = _Model(layers=4)
+    tensors = {name: model[name] for name in model}
+    write_store(tmp_path / "s", tensors, progress=False)
+    (shard,) = (tmp_path / "s").glob("*.safetensors")
+    offsets = _data_offsets(shard)
+    partly, size = "1.weight", tensors["1.weight"].nbytes
+    # 2 MiB of the middle of one 4 MiB tensor, on a 2 MiB boundary (no page cache folio of
+    # a neighbour straddles it, so its neighbours stay whole in the cache).
+    hole = (offsets[partly] + (2 << 20) - 1) // (2 << 20) * (2 << 20)
+    assert offsets[partly] <= hole and hole + (2 << 20) <= offsets[partly] + size
+    with TensorStore.open(tmp_path / "s", max_resident=8 * MB) as store:
+        evict_from_page_cache([shard])
+        _read_by_another_process([shard])
+        fd = os.open(shard, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, hole, 2 << 20, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        cached = page_cache_bytes([shard])
+        whole_pages = -(-os.path.getsize(shard) // PAGE) * PAGE
+        assert cached == whole_pages - (2 << 20)
+        _tensors_equal(store, tensors)
+        stats = store.stats()
+        assert page_cache_bytes([shard]) == cached
+    assert stats["bytes_read"] == sum(t.nbytes for t in tensors.values())
+    assert stats["bytes_from_page_cache"] == stats["bytes_read"] - size
 
 
 def test_a_store_in_memory_tmpfs_reads_right_within_the_budget(tmp_path):

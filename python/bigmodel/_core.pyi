@@ -1,6 +1,7 @@
 """Type stubs of the Rust extension `bigmodel._core` (see rust/py/src)."""
 
 from collections.abc import Buffer
+from typing import TypedDict
 
 INDEX_FILE: str
 FORMAT_VERSION: int
@@ -11,6 +12,27 @@ class TensorBytes:
     def __len__(self) -> int: ...
     @property
     def __array_interface__(self) -> dict[str, object]: ...
+
+class StoreStats(TypedDict):
+    """`Store.stats()`: counters since the store was opened (see rust/store/src/stats.rs)."""
+
+    hits: int
+    misses: int
+    prefetch_requests: int
+    prefetch_hits: int
+    prefetch_late: int
+    prefetch_dropped: int
+    bytes_read: int
+    # The part of bytes_read copied from pages already in the page cache (owned reads).
+    bytes_from_page_cache: int
+    evictions: int
+    buffers_reused: int
+    resident_bytes: int
+    charged_bytes: int
+    peak_resident_bytes: int
+    pinned_bytes: int
+    wait_ns: int
+    budget: int | None
 
 class Store:
     @staticmethod
@@ -49,7 +71,7 @@ class Store:
     def will_need(self, names: list[str]) -> None: ...
     def populate_in_background(self, names: list[str]) -> None: ...
     def verify(self) -> list[str]: ...
-    def stats(self) -> dict[str, int]: ...
+    def stats(self) -> StoreStats: ...
     def close(self) -> None: ...
 
 class StoreWriter:

@@ -251,8 +251,10 @@ class TensorStore(Mapping[str, torch.Tensor]):
 
         Counters: ``hits``, ``misses``, ``prefetch_requests``, ``prefetch_hits`` (gets served
         by a prefetch), ``prefetch_late`` (gets that found their prefetch still queued and read
-        the tensor themselves, at once), ``prefetch_dropped``, ``bytes_read``, ``evictions``,
-        ``buffers_reused``, ``wait_ns``.
+        the tensor themselves, at once), ``prefetch_dropped``, ``bytes_read``,
+        ``bytes_from_page_cache`` (the part of ``bytes_read`` that owned reads copied from
+        pages already in the page cache, put there by another process or a download,
+        instead of reading the disk), ``evictions``, ``buffers_reused``, ``wait_ns``.
         Bytes: ``resident_bytes`` is the memory the store holds now (owned buffers, plus the
         pages of resident zero-copy views that are in memory, asked of the kernel with
         ``mincore`` on each call, a page shared by two tensors counted once);

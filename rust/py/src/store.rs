@@ -208,6 +208,7 @@ impl Store {
             ("prefetch_late", s.prefetch_late),
             ("prefetch_dropped", s.prefetch_dropped),
             ("bytes_read", s.bytes_read),
+            ("bytes_from_page_cache", s.bytes_from_page_cache),
             ("evictions", s.evictions),
             ("buffers_reused", s.buffers_reused),
             ("resident_bytes", s.resident_bytes),

@@ -11,6 +11,7 @@
 //! - `fs`: file-system helpers (non-blocking opens of regular files, directory sync).
 //! - [`mount`]: indexes over files we did not write (safetensors, accelerate offload folders).
 //! - `direct`: direct I/O (`O_DIRECT`) reads into owned, page-aligned buffers.
+//! - `page_cache`: what the page cache holds of a file, and copies out of it that read nothing.
 //! - [`cache`]: the residency cache (budget, pins, LRU eviction that returns memory).
 //! - [`pool`]: background read threads.
 //! - [`store`]: [`store::Store`], the reader that ties them together.
@@ -29,6 +30,7 @@ mod json;
 pub mod layout;
 mod mapping;
 pub mod mount;
+mod page_cache;
 mod pages;
 pub mod pool;
 pub mod safetensors;

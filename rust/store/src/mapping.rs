@@ -10,8 +10,9 @@
 //! still makes the next touch of a vanished page raise SIGBUS; no mapping can prevent that.
 //! A mounted file rewritten in place without changing size or mtime is not detected either.
 //! A store opened with `zero_copy` off never touches its mappings: every tensor is read with
-//! direct I/O (`direct.rs`) into an owned buffer, so a file truncated under it is an error
-//! (`Corrupt`), never a signal. Tensors that are not views (zstd frames, tensors misaligned
+//! direct I/O (`direct.rs`) into an owned buffer, or copied there from pages the page cache
+//! already holds (through short-lived mappings of its own, with no SIGBUS either), so a file
+//! truncated under it is an error (`Corrupt`), never a signal. Tensors that are not views (zstd frames, tensors misaligned
 //! for their dtype) are read the same way by every store.
 
 use std::fs::File;
@@ -24,7 +25,7 @@ use memmap2::{MmapMut, MmapOptions};
 
 use crate::buffers::AlignedBuf;
 use crate::codec;
-use crate::direct::{DirectFile, RangeReader};
+use crate::direct::{DirectFile, RangeReader, Source};
 use crate::error::{Result, StoreError};
 use crate::fs;
 use crate::index::{Codec, Entry, FileRecord, Index};
@@ -256,37 +257,40 @@ impl ReadMode {
 
 /// Brings `entry`'s bytes into memory: populates a view, or fills an owned buffer (`reuse`
 /// when the cache has a fitting one, else a new one). With `mode.verify`, checks the checksum.
+/// Also says where an owned read found the bytes (a view's come from the file).
 pub(crate) fn load(
     map: &Arc<FileMap>,
     entry: &Entry,
     reuse: Option<AlignedBuf>,
     mode: ReadMode,
-) -> Result<Loaded> {
+) -> Result<(Loaded, Source)> {
     map.check_unchanged(&entry.name)?;
-    let loaded = if mode.serves_view(entry) {
+    let (loaded, source) = if mode.serves_view(entry) {
         if mode.populate_views {
             map.populate(entry.offset, entry.length, &entry.name)?;
         }
         let (offset, len) = (entry.offset, entry.length);
-        Loaded::View {
-            map: Arc::clone(map),
-            offset,
-            len,
-        }
+        let map = Arc::clone(map);
+        (Loaded::View { map, offset, len }, Source::File)
     } else {
-        Loaded::Owned(load_owned(map, entry, reuse)?)
+        let (buf, source) = load_owned(map, entry, reuse)?;
+        (Loaded::Owned(buf), source)
     };
     if mode.verify {
         let raw = map_slice(&loaded);
         verify_checksum(entry, raw, map.path())?;
     }
-    Ok(loaded)
+    Ok((loaded, source))
 }
 
-/// Fills an owned buffer with direct reads (see `direct.rs`): uncompressed bytes go from
-/// the disk into the buffer (a recycled buffer's pages are already faulted in); a zstd frame
-/// is read into scratch memory and decoded into the buffer.
-fn load_owned(map: &FileMap, entry: &Entry, reuse: Option<AlignedBuf>) -> Result<AlignedBuf> {
+/// Fills an owned buffer with direct reads, or a copy of pages already in the page cache
+/// (see `direct.rs`): uncompressed bytes go into the buffer (a recycled buffer's pages are
+/// already faulted in); a zstd frame is read into scratch memory and decoded into the buffer.
+fn load_owned(
+    map: &FileMap,
+    entry: &Entry,
+    reuse: Option<AlignedBuf>,
+) -> Result<(AlignedBuf, Source)> {
     let raw_len = usize::try_from(entry.raw_length)
         .map_err(|_| StoreError::format(map.path(), "tensor too large for this platform"))?;
     let stored_len = map.bytes(entry.offset, entry.length, &entry.name)?.len();
@@ -308,21 +312,25 @@ fn load_owned(map: &FileMap, entry: &Entry, reuse: Option<AlignedBuf>) -> Result
     match entry.codec {
         Codec::None => {
             let mut buf = buffer(reuse)?;
-            map.file
+            let source = map
+                .file
                 .read_exact_into(entry.offset, &mut buf)
                 .map_err(read_failed)?;
-            Ok(buf)
+            Ok((buf, source))
         }
-        Codec::Zstd => map
-            .file
-            .with_range(entry.offset, stored_len, |frame| {
-                // Before the buffer exists: a frame announcing another size is corrupt.
-                codec::check_frame_header(frame, entry.raw_length, map.path(), &entry.name)?;
-                let mut buf = buffer(reuse)?;
-                codec::decompress_into(frame, buf.as_mut_slice(), map.path(), &entry.name)?;
-                Ok(buf)
-            })
-            .map_err(read_failed)?,
+        Codec::Zstd => {
+            let (decoded, source) = map
+                .file
+                .with_range(entry.offset, stored_len, |frame| {
+                    // Before the buffer exists: a frame announcing another size is corrupt.
+                    codec::check_frame_header(frame, entry.raw_length, map.path(), &entry.name)?;
+                    let mut buf = buffer(reuse)?;
+                    codec::decompress_into(frame, buf.as_mut_slice(), map.path(), &entry.name)?;
+                    Ok(buf)
+                })
+                .map_err(read_failed)?;
+            Ok((decoded?, source))
+        }
     }
 }
 

@@ -22,8 +22,13 @@ pub struct Stats {
     /// Prefetches not performed: they did not fit in the budget without evicting pinned
     /// entries or other prefetched entries not used yet (or there are no read threads).
     pub prefetch_dropped: u64,
-    /// Bytes read from files (stored bytes: a zstd tensor counts its frame).
+    /// Bytes read from files (stored bytes: a zstd tensor counts its frame), including
+    /// `bytes_from_page_cache`.
     pub bytes_read: u64,
+    /// The part of `bytes_read` that owned reads copied from pages already in the page cache
+    /// (left there by another process or an earlier read) instead of reading them from the
+    /// disk: memory-speed reads, which leave the page cache as they found it.
+    pub bytes_from_page_cache: u64,
     /// Entries evicted to stay within the budget.
     pub evictions: u64,
     /// Reads into an owned buffer that refilled a buffer evicted from another tensor (pages
@@ -58,6 +63,7 @@ pub(crate) struct Counters {
     pub prefetch_late: AtomicU64,
     pub prefetch_dropped: AtomicU64,
     pub bytes_read: AtomicU64,
+    pub bytes_from_page_cache: AtomicU64,
     pub evictions: AtomicU64,
     pub buffers_reused: AtomicU64,
     pub wait_ns: AtomicU64,
@@ -79,6 +85,7 @@ impl Counters {
         stats.prefetch_late = read(&self.prefetch_late);
         stats.prefetch_dropped = read(&self.prefetch_dropped);
         stats.bytes_read = read(&self.bytes_read);
+        stats.bytes_from_page_cache = read(&self.bytes_from_page_cache);
         stats.evictions = read(&self.evictions);
         stats.buffers_reused = read(&self.buffers_reused);
         stats.wait_ns = read(&self.wait_ns);

@@ -18,6 +18,7 @@ use std::sync::{Arc, Once};
 use std::time::Instant;
 
 use crate::cache::{Acquired, Cache, Need, Reservation};
+use crate::direct::Source;
 use crate::error::{Result, StoreError};
 use crate::index::{Entry, Index};
 use crate::mapping::{self, FileSet, Loaded, ReadMode};
@@ -36,8 +37,9 @@ pub struct StoreOptions {
     pub verify_reads: bool,
     /// Serve uncompressed tensors at aligned offsets as zero-copy views of a private file
     /// mapping (their pages are the page cache's). When false, every tensor is read with
-    /// direct I/O into an owned, page-aligned buffer that is nowhere else: the budget then
-    /// bounds all the memory the store's reads take (nothing is left in the page cache), and
+    /// direct I/O (or copied from the page cache, where another reader left its bytes) into
+    /// an owned, page-aligned buffer that is nowhere else: the budget then bounds all the
+    /// memory the store's reads take (they leave nothing in the page cache), and
     /// a file truncated under the store fails a read (`Corrupt`) instead of raising SIGBUS
     /// in a tensor. Tensors that cannot be views are read that way in either mode.
     pub zero_copy: bool,
@@ -145,8 +147,8 @@ impl Store {
     /// Asks the kernel to start reading the bytes of `names` served as views into the page
     /// cache (asynchronous readahead of the mapped ranges) and returns at once; nothing
     /// enters the cache. Lets a caller that will `get` many tensors in a row keep the disk
-    /// busy in between. Tensors read into owned buffers are skipped: direct reads would not
-    /// use those pages, which would only take memory outside the budget.
+    /// busy in between. Tensors read into owned buffers are skipped: their pages would take
+    /// memory outside the budget.
     pub fn will_need(&self, names: &[&str]) -> Result<()> {
         let slots = self.slots_of(names)?;
         let core = &self.runtime()?.core;
@@ -455,15 +457,18 @@ impl Core {
         self.cache.settle(reservation.released);
         let entry = &self.index.tensors[slot as usize];
         let reuse = reservation.reuse;
-        let loaded = catch_unwind(AssertUnwindSafe(|| {
+        let read = catch_unwind(AssertUnwindSafe(|| {
             let map = self.files.open(entry.file, &entry.name)?;
             mapping::load(map, entry, reuse, self.mode)
         }))
         .unwrap_or_else(|panic| Err(self.panic_error(entry, panic)));
-        if loaded.is_ok() {
-            Counters::add(&self.cache.counters.bytes_read, entry.length);
+        let (loaded, source) = read?;
+        let counters = &self.cache.counters;
+        Counters::add(&counters.bytes_read, entry.length);
+        if source == Source::PageCache {
+            Counters::add(&counters.bytes_from_page_cache, entry.length);
         }
-        loaded
+        Ok(loaded)
     }
 
     fn panic_error(&self, entry: &Entry, panic: Box<dyn Any + Send>) -> StoreError {
