@@ -16,8 +16,11 @@
 //! refuses to wait for a missing page). A mapping advised `MADV_RANDOM` reads nothing ahead
 //! (the same copy cached nothing more), and `process_vm_readv` from this process copies its
 //! pages with the kernel's fault handling: a page the file lost (a truncation) ends the copy
-//! short instead of raising SIGBUS, so a read of a changed file still fails cleanly. 1 GiB
-//! copied at 9.3-11.8 GB/s that way, 10-14 GB/s with `pread`.
+//! short instead of raising SIGBUS, so a read of a changed file still fails cleanly. It costs
+//! speed where the page cache holds the file in 4 KiB pages (each is mapped and pinned): a
+//! warm pass over the 2 GB benchmark store (`benchmarks/bench_store.py`'s stream, tensors
+//! touched) ran at 5.3 GB/s, 7.7 GB/s with `pread` (medians of 6 alternating passes); the
+//! mapping size (4 MiB to 1 GiB) changed nothing.
 //!
 //! A page evicted between the question and the copy is read back (that page alone, no
 //! readahead) and stays cached: a window of microseconds, under memory pressure only.
