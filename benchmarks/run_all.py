@@ -8,7 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("bench_store.py", "bench_device_map.py", "bench_offload.py", "bench_gpu.py")
+BENCHMARKS = (
+    "bench_store.py",
+    "bench_device_map.py",
+    "bench_offload.py",
+    "bench_lowram.py",
+    "bench_gpu.py",
+)
 
 
 def main() -> int:
