@@ -1,107 +1,54 @@
-//! A bounded run of the stable mutation fuzzer (`fuzz/engine.rs`, `fuzz/targets.rs`) over
-//! every target: about a second each, from a fixed seed (set `BIGMODEL_FUZZ_SEED` to explore
-//! others). Long runs: see `examples/fuzz_store.rs`.
+//! Fuzzing with bolero: each target below runs for about a second of random inputs inside
+//! `cargo test` (set `BOLERO_RANDOM_TEST_TIME_MS` or `BOLERO_RANDOM_ITERATIONS` for longer
+//! runs), and under libFuzzer, coverage-guided, with
+//! `cargo bolero test -p bigmodel-store --rustc-bootstrap <target>` (see docs/robustness.md).
 
-#[path = "../fuzz/engine.rs"]
-mod engine;
-#[path = "../fuzz/targets.rs"]
-mod targets;
+mod fuzz;
 
-use std::time::Duration;
+use fuzz::{built_header_round_trips, fuzz_target, Outcome, Target};
 
-use engine::{fuzz, printable, quietly, Budget, Target};
-use targets::{all_targets, built_header_round_trips};
-
-const PER_TARGET: Budget = Budget {
-    executions: 200_000,
-    time: Duration::from_millis(1200),
-};
-
-fn seed() -> u64 {
-    std::env::var("BIGMODEL_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed)
-}
-
-fn run(target: &dyn Target) {
-    let report = fuzz(target, PER_TARGET, seed());
-    eprintln!(
-        "{}: {} executions in {:.2?}, {} accepted, {} outcomes, corpus {}",
-        report.target,
-        report.executions,
-        report.elapsed,
-        report.accepted,
-        report.outcomes,
-        report.corpus
-    );
-    if let Some(first) = report.failures.first() {
-        panic!(
-            "{}: {} failing input(s); first: {}\ninput: {}",
-            report.target,
-            report.failures.len(),
-            first.message,
-            printable(&first.input)
-        );
-    }
-    // Enough runs to mean something, and mutation found rejection paths beyond the seeds.
-    assert!(
-        report.executions >= 500,
-        "{} ran only {} times",
-        report.target,
-        report.executions
-    );
-    assert!(
-        report.outcomes >= 5,
-        "{} found only {} outcomes",
-        report.target,
-        report.outcomes
-    );
-}
-
-fn target(name: &str) -> Box<dyn Target> {
-    all_targets()
-        .into_iter()
-        .find(|t| t.name() == name)
-        .expect("known target")
+#[test]
+fn index() {
+    fuzz_target(bolero::check!(), &fuzz::IndexTarget::new());
 }
 
 #[test]
-fn fuzz_index_parser_validation_and_reads() {
-    run(&*target("index"));
+fn shard_header() {
+    fuzz_target(bolero::check!(), &fuzz::HeaderTarget::new());
 }
 
 #[test]
-fn fuzz_shard_header_parser() {
-    run(&*target("shard-header"));
+fn mount() {
+    fuzz_target(bolero::check!(), &fuzz::MountTarget::new());
 }
 
 #[test]
-fn fuzz_mounted_safetensors_files() {
-    run(&*target("mount"));
+fn offload_index() {
+    fuzz_target(bolero::check!(), &fuzz::OffloadTarget::new());
 }
 
 #[test]
-fn fuzz_offload_folder_index() {
-    run(&*target("offload-index"));
-}
-
-#[test]
-fn fuzz_zstd_frames() {
-    run(&*target("zstd-frame"));
+fn zstd_frame() {
+    fuzz_target(bolero::check!(), &fuzz::ZstdTarget::new());
 }
 
 #[test]
 fn seeds_reach_the_deep_paths() {
     // A seed the parsers refuse would leave validation and reads unfuzzed.
-    for target in all_targets() {
+    let targets: [Box<dyn Target>; 5] = [
+        Box::new(fuzz::IndexTarget::new()),
+        Box::new(fuzz::HeaderTarget::new()),
+        Box::new(fuzz::MountTarget::new()),
+        Box::new(fuzz::OffloadTarget::new()),
+        Box::new(fuzz::ZstdTarget::new()),
+    ];
+    for target in &targets {
         for seed in target.seeds() {
             assert_eq!(
-                quietly(|| target.run(&seed)),
-                Ok("valid".to_owned()),
-                "{}: seed {}",
-                target.name(),
-                printable(&seed)
+                target.run(seed),
+                Ok(Outcome::Accepted),
+                "seed {}",
+                seed.escape_ascii()
             );
         }
     }
