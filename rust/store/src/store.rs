@@ -129,7 +129,9 @@ impl Store {
     }
 
     /// The bytes of tensor `name`, resident and pinned until the result is dropped. Reads
-    /// them (in this thread) unless they are resident or already being read; then waits.
+    /// them (in this thread) unless they are resident or already being read; then waits for
+    /// that read, and gets its error if it fails. A prefetch of them still queued is taken
+    /// over: read here, at once.
     pub fn get(&self, name: &str) -> Result<TensorBytes> {
         let slot = self.slot(name)?;
         self.runtime()?.core.get(slot)

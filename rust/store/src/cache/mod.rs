@@ -257,7 +257,8 @@ impl Cache {
                 Slot::Queued { .. } => {
                     Counters::add(&self.counters.misses, 1);
                     Counters::add(&self.counters.prefetch_late, 1);
-                    return Acquired::MustLoad(state.take_over_queued(slot));
+                    let taken = state.start_queued(slot, true);
+                    return Acquired::MustLoad(taken.expect("the slot is queued"));
                 }
                 Slot::Absent => {
                     Counters::add(&self.counters.misses, 1);
@@ -298,20 +299,7 @@ impl Cache {
     /// For a read thread: starts the read of a queued prefetch. `None` when a `get` took it
     /// over (or it was cancelled): there is nothing left to do.
     pub fn start_prefetch(&self, slot: u32) -> Option<Reservation> {
-        let mut state = self.lock();
-        let Slot::Queued { need, .. } = state.slots[slot as usize] else {
-            return None;
-        };
-        let loading = state.loading(need, false);
-        let Slot::Queued { reuse, .. } =
-            std::mem::replace(&mut state.slots[slot as usize], loading)
-        else {
-            unreachable!("checked above");
-        };
-        Some(Reservation {
-            reuse,
-            released: Released::default(),
-        })
+        self.lock().start_queued(slot, false)
     }
 
     /// Gives back the room of a queued prefetch that will never run (if it is still queued).
@@ -508,21 +496,24 @@ impl State {
         matches!(self.slots[slot as usize], Slot::Loading { read: r, .. } if r == read)
     }
 
-    /// A `get` takes over the reservation of a queued prefetch, to read the tensor itself.
-    fn take_over_queued(&mut self, slot: u32) -> Reservation {
+    /// Starts the read of a queued prefetch: by a read thread, or by a `get` (`demand`)
+    /// that takes the reservation over to read the tensor itself. `None` when not queued.
+    fn start_queued(&mut self, slot: u32, demand: bool) -> Option<Reservation> {
         let Slot::Queued { need, .. } = self.slots[slot as usize] else {
-            unreachable!("take-over of a tensor that is not queued");
+            return None;
         };
-        self.pinned += need.charge;
-        let loading = self.loading(need, true);
+        if demand {
+            self.pinned += need.charge;
+        }
+        let loading = self.loading(need, demand);
         let Slot::Queued { reuse, .. } = std::mem::replace(&mut self.slots[slot as usize], loading)
         else {
             unreachable!("checked above");
         };
-        Reservation {
+        Some(Reservation {
             reuse,
             released: Released::default(),
-        }
+        })
     }
 
     /// One waiter's copy of the error of failed read `read`, if that read failed.
