@@ -1,4 +1,4 @@
-//! The `shard-header` target (the safetensors header parser, on a file's first bytes) and
+//! The `shard_header` target (the safetensors header parser, on a file's first bytes) and
 //! the `mount` target (a safetensors file on disk, mounted in place and served).
 
 use std::collections::HashSet;

@@ -1,4 +1,4 @@
-//! The `offload-index` target: an accelerate offload folder's `index.json`, over two real
+//! The `offload_index` target: an accelerate offload folder's `index.json`, over two real
 //! `.dat` files, mounted and served.
 
 use std::fs;

@@ -1,4 +1,4 @@
-//! The `zstd-frame` target: one zstd frame and the raw length an index records for it.
+//! The `zstd_frame` target: one zstd frame and the raw length an index records for it.
 
 use std::path::Path;
 
