@@ -291,7 +291,13 @@ RSS_MODES = {
 
 def peak_rss_over_baseline(store_path: Path, mode: str, budget: int) -> int:
     """Bytes by which a fresh process's peak RSS grows while reading the whole store once."""
-    script = _RSS_CHILD.format(benchmarks=str(Path(__file__).parent))
+    baseline_kib, peak_kib = _child_figures(_RSS_CHILD, store_path, mode, budget, "peak RSS")
+    return (peak_kib - baseline_kib) * 1024
+
+
+def _child_figures(script: str, store_path: Path, mode: str, budget: int, what: str):
+    """Runs ``script`` in a fresh process; returns the two integers its output ends with."""
+    script = script.format(benchmarks=str(Path(__file__).parent))
     child = subprocess.run(
         [sys.executable, "-c", script, str(store_path), mode, str(budget)],
         capture_output=True,
@@ -299,9 +305,8 @@ def peak_rss_over_baseline(store_path: Path, mode: str, budget: int) -> int:
         check=False,
     )
     if child.returncode != 0:
-        raise RuntimeError(f"peak RSS measurement ({mode}) failed:\n{child.stderr[-3000:]}")
-    baseline_kib, peak_kib = map(int, child.stdout.split()[-2:])
-    return (peak_kib - baseline_kib) * 1024
+        raise RuntimeError(f"{what} measurement ({mode}) failed:\n{child.stderr[-3000:]}")
+    return tuple(map(int, child.stdout.split()[-2:]))
 
 
 _TWICE_CHILD = """
@@ -334,16 +339,7 @@ TWICE_MODES = ("owned", "views")
 def real_memory_read_twice(store_path: Path, mode: str, budget: int) -> dict[str, int]:
     """A fresh process reads the store twice under ``budget``: its peak RSS growth and the
     bytes of the store's files left in the page cache afterwards."""
-    script = _TWICE_CHILD.format(benchmarks=str(Path(__file__).parent))
-    child = subprocess.run(
-        [sys.executable, "-c", script, str(store_path), mode, str(budget)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if child.returncode != 0:
-        raise RuntimeError(f"real memory measurement ({mode}) failed:\n{child.stderr[-3000:]}")
-    rss_growth, page_cache = map(int, child.stdout.split()[-2:])
+    rss_growth, page_cache = _child_figures(_TWICE_CHILD, store_path, mode, budget, "real memory")
     return {"rss_growth_bytes": rss_growth, "page_cache_bytes": page_cache}
 
 
