@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -146,13 +146,18 @@ class ForwardOrderPrefetcher:
 
     def _next_reads(self, key: int) -> _Reads:
         """The reads of the first module after ``key`` in the chain that is not kept."""
+        return next((step.reads for step in self._streamed_after(key)), [])
+
+    def _streamed_after(self, key: int) -> Iterator[_Step]:
+        """The modules expected after ``key``, following the chain once around, that the
+        read-ahead fetches (not kept, served by a store)."""
         position, seen = self._next.get(key), {key}
         while position is not None and position not in seen:
-            if position not in self._kept and self._steps[position].reads:
-                return self._steps[position].reads
             seen.add(position)
+            step = self._steps[position]
+            if position not in self._kept and step.reads:
+                yield step
             position = self._next.get(position)
-        return []
 
     def __deepcopy__(self, memo: dict) -> ForwardOrderPrefetcher:
         """The prefetcher of a deep-copied model: the copied hooks, the same stores, the
@@ -204,16 +209,13 @@ class ForwardOrderPrefetcher:
         if window is not None:
             return window
         by_store: dict[int, tuple[Mapping, list[str]]] = {}
-        ahead, seen = 0, {key}
-        position = self._next.get(key)
-        while position is not None and position not in seen and ahead < self.lookahead_bytes:
-            seen.add(position)
-            step = self._steps[position]
-            if position not in self._kept and step.reads:
-                ahead += step.nbytes
-                for store, keys in step.reads:
-                    by_store.setdefault(id(store), (store, []))[1].extend(keys)
-            position = self._next.get(position)
+        ahead = 0
+        for step in self._streamed_after(key):
+            if ahead >= self.lookahead_bytes:
+                break
+            ahead += step.nbytes
+            for store, keys in step.reads:
+                by_store.setdefault(id(store), (store, []))[1].extend(keys)
         window = self._windows[key] = list(by_store.values())
         return window
 
